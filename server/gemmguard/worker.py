@@ -1,0 +1,26 @@
+"""Worker extension: methods vLLM mixes into every worker (every TP/PP rank).
+
+`gemmguard serve` passes `--worker-extension-cls gemmguard.worker.GemmguardWorkerExtension`;
+the API server reaches these methods by name with `engine_client.collective_rpc`.
+Results cross a msgspec boundary, so they are plain dicts of str/int/float.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from gemmguard.build import build_info
+
+EXTENSION_CLS = "gemmguard.worker.GemmguardWorkerExtension"
+
+
+class GemmguardWorkerExtension:
+    """Mixed into vLLM's worker class; `self` is the worker."""
+
+    rank: Any
+
+    def gemmguard_build_info(self) -> dict[str, Any]:
+        """This rank's versions, platform and device."""
+        info: dict[str, Any] = dict(build_info())
+        info["rank"] = int(getattr(self, "rank", 0))
+        return info

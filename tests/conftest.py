@@ -1,0 +1,113 @@
+"""Shared fixtures: real `gemmguard serve` processes on loopback, one per test module."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import requests
+
+# Engine start-up on 2 cores takes 30–90 s; a start that takes longer is a failure.
+START_TIMEOUT_S = float(os.environ.get("GEMMGUARD_TEST_START_TIMEOUT", "300"))
+# Options that make start-up fast on CI's CPU without changing what is tested.
+FAST_ENGINE_ARGS = ("--enforce-eager", "--max-model-len", "1024", "--max-num-seqs", "8")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class Server:
+    """A running `gemmguard serve` process and how to reach it."""
+
+    process: subprocess.Popen[bytes]
+    base_url: str
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def get(self, path: str, **kwargs: object) -> requests.Response:
+        return requests.get(self.base_url + path, timeout=60, **kwargs)  # type: ignore[arg-type]
+
+    def post(self, path: str, **kwargs: object) -> requests.Response:
+        return requests.post(self.base_url + path, timeout=120, **kwargs)  # type: ignore[arg-type]
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+
+
+def start_server(
+    args: list[str],
+    log_path: Path,
+    env: dict[str, str] | None = None,
+    wait_path: str = "/gemmguard/ready",
+) -> Server:
+    """Start `gemmguard serve ARGS` on a free loopback port and wait until `wait_path` is 200."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "gemmguard.cli", "serve", *args,
+           "--host", "127.0.0.1", "--port", str(port)]
+    full_env = {**os.environ, **(env or {})}
+    log = log_path.open("wb")
+    process = subprocess.Popen(
+        cmd, stdout=log, stderr=subprocess.STDOUT, env=full_env, start_new_session=True
+    )
+    server = Server(process, f"http://127.0.0.1:{port}", log_path)
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(
+                f"gemmguard serve exited with {process.returncode} before it was ready:\n"
+                + server.log()[-6000:]
+            )
+        try:
+            if requests.get(server.base_url + wait_path, timeout=2).status_code == 200:
+                return server
+        except requests.RequestException:
+            pass
+        time.sleep(1)
+    server.stop()
+    raise AssertionError(f"gemmguard serve not ready in {START_TIMEOUT_S}s:\n{server.log()[-6000:]}")
+
+
+@pytest.fixture(scope="session")
+def demo_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A GEMMGUARD_CACHE_DIR shared by the session, so demo checkpoints are made once."""
+    return tmp_path_factory.mktemp("gemmguard-cache")
+
+
+@pytest.fixture(scope="module")
+def server_factory(
+    tmp_path_factory: pytest.TempPathFactory, demo_cache: Path
+) -> Iterator[Callable[..., Server]]:
+    """Start servers for one module; all are stopped when the module ends."""
+    started: list[Server] = []
+
+    def factory(*args: str, env: dict[str, str] | None = None, fast: bool = True) -> Server:
+        log_path = tmp_path_factory.mktemp("serve") / "server.log"
+        full_args = [*args, *(FAST_ENGINE_ARGS if fast else ())]
+        server_env = {"GEMMGUARD_CACHE_DIR": str(demo_cache), **(env or {})}
+        server = start_server(full_args, log_path, server_env)
+        started.append(server)
+        return server
+
+    yield factory
+    for server in started:
+        server.stop()

@@ -1,0 +1,123 @@
+"""End-to-end: `gemmguard serve` on the demo model, driven as a client would drive it."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import openai
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from conftest import Server
+
+pytestmark = pytest.mark.e2e
+
+MODEL = "gemmguard-demo"
+
+
+@pytest.fixture(scope="module")
+def server(server_factory: Callable[..., Server]) -> Server:
+    return server_factory()
+
+
+@pytest.fixture(scope="module")
+def client(server: Server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.base_url + "/v1", api_key="unused", max_retries=0)
+
+
+def _assert_still_serves(client: openai.OpenAI) -> None:
+    reply = client.completions.create(model=MODEL, prompt="ok", max_tokens=2, temperature=0)
+    assert reply.usage is not None and reply.usage.completion_tokens == 2
+
+
+def test_models_lists_the_demo_model(client: openai.OpenAI) -> None:
+    assert [m.id for m in client.models.list()] == [MODEL]
+
+
+def test_chat_completion(client: openai.OpenAI) -> None:
+    reply = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Hello"}], max_tokens=8, temperature=0
+    )
+    assert reply.choices[0].message.role == "assistant"
+    assert reply.usage is not None and reply.usage.completion_tokens == 8
+    assert reply.choices[0].finish_reason == "length"
+
+
+def test_chat_completion_streaming_matches_plain(client: openai.OpenAI) -> None:
+    request = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "Stream me"}],
+        "max_tokens": 8,
+        "temperature": 0,
+    }
+    plain = client.chat.completions.create(**request)  # type: ignore[call-overload]
+    chunks = list(client.chat.completions.create(stream=True, **request))  # type: ignore[call-overload]
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert len(chunks) > 2
+    assert streamed == plain.choices[0].message.content
+
+
+def test_completion_is_deterministic_when_greedy(client: openai.OpenAI) -> None:
+    first = client.completions.create(model=MODEL, prompt="abc", max_tokens=6, temperature=0)
+    second = client.completions.create(model=MODEL, prompt="abc", max_tokens=6, temperature=0)
+    assert first.choices[0].text == second.choices[0].text
+    assert first.usage is not None and first.usage.prompt_tokens == 3  # one token per byte
+
+
+def test_health(server: Server) -> None:
+    assert server.get("/health").status_code == 200
+
+
+def test_build_route_reports_every_rank(server: Server) -> None:
+    import torch
+    import vllm
+
+    body = server.get("/gemmguard/v1/build").json()
+    assert len(body["ranks"]) == 1
+    rank = body["ranks"][0]
+    assert rank["rank"] == 0
+    assert rank["vllm_version"] == vllm.__version__
+    assert rank["torch_version"] == torch.__version__
+    assert rank["platform"] == "cpu"
+    assert body["api_server"]["vllm_version"] == vllm.__version__
+
+
+def test_metrics_carry_build_info_and_vllm_series(server: Server) -> None:
+    families = {f.name: f for f in text_string_to_metric_families(server.get("/metrics").text)}
+    build = families["gemmguard_build_info"].samples
+    assert len(build) == 1 and build[0].value == 1
+    assert build[0].labels["vllm_version"] == server.get("/gemmguard/v1/build").json()[
+        "ranks"][0]["vllm_version"]
+    assert any(name.startswith("vllm:") for name in families)  # vLLM's own, unchanged
+
+
+def test_unknown_model_is_404_then_still_serves(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.NotFoundError) as err:
+        client.completions.create(model="no-such-model", prompt="x", max_tokens=2)
+    assert "no-such-model" in str(err.value)
+    _assert_still_serves(client)
+
+
+def test_negative_max_tokens_is_400_then_still_serves(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError) as err:
+        client.completions.create(model=MODEL, prompt="x", max_tokens=-1)
+    assert "max_tokens" in str(err.value)
+    _assert_still_serves(client)
+
+
+def test_malformed_json_is_4xx_then_still_serves(server: Server, client: openai.OpenAI) -> None:
+    response = server.post(
+        "/v1/chat/completions",
+        data=b'{"model": "gemmguard-demo", "messages": [',
+        headers={"Content-Type": "application/json"},
+    )
+    assert 400 <= response.status_code < 500
+    assert "json" in response.text.lower()
+    _assert_still_serves(client)
+
+
+def test_prompt_longer_than_context_is_400_then_still_serves(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError) as err:
+        client.completions.create(model=MODEL, prompt="x" * 3000, max_tokens=4)
+    assert "context" in str(err.value).lower()
+    _assert_still_serves(client)
