@@ -19,7 +19,7 @@ def _one_line_error_parser(base: type) -> type:
 
         def error(self, message: str) -> NoReturn:
             sys.stderr.write(
-                f"gemmguard serve: {message}. See `gemmguard serve --help` and "
+                f"gemmguard serve: error: {message}. See `gemmguard serve --help` and "
                 "`python -m gemmguard.apiserver --help` for vLLM's options.\n"
             )
             raise SystemExit(2)

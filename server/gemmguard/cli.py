@@ -67,6 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--intermediate-size", type=int, default=512,
                       help="MLP width, a multiple of 128. Default: 512.")
     demo.set_defaults(handler=_demo_model)
+
+    from gemmguard.evaluation.commands import add_eval_commands
+
+    add_eval_commands(verbs)
     return parser
 
 

@@ -1,0 +1,1 @@
+"""Accuracy evaluations against a running gemmguard server (lm-eval, kernel swap)."""

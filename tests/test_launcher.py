@@ -1,0 +1,122 @@
+"""`gemmguard serve` planning and its pre-flight errors (one clear line, non-zero exit)."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import free_port
+from gemmguard.demo import write_demo_model
+from gemmguard.errors import ServeError, UsageError
+from gemmguard.launcher import plan_serve
+from gemmguard.worker import EXTENSION_CLS
+
+
+def _plan(argv: list[str], tmp_path: Path, **env: str):  # type: ignore[no-untyped-def]
+    return plan_serve(argv, {"GEMMGUARD_CACHE_DIR": str(tmp_path), **env})
+
+
+def test_no_model_serves_the_demo_under_a_short_name(tmp_path: Path) -> None:
+    plan = _plan(["--port", str(free_port())], tmp_path)
+    assert plan.is_demo and plan.demo_scheme == "bf16"
+    assert plan.model.startswith(str(tmp_path))
+    assert plan.served_name == "gemmguard-demo"
+    assert plan.vllm_args[-4:-2] == ["--served-model-name", "gemmguard-demo"]
+
+
+def test_plugins_worker_extension_and_cpu_defaults_are_set(tmp_path: Path) -> None:
+    plan = _plan(["--port", str(free_port())], tmp_path, VLLM_PLUGINS="my_plugin")
+    assert plan.env["VLLM_PLUGINS"] == "my_plugin,gemmguard,gemmguard_api"
+    assert plan.vllm_args[-2:] == ["--worker-extension-cls", EXTENSION_CLS]
+    assert plan.env["VLLM_CPU_KVCACHE_SPACE"] == "1"
+    kept = _plan(["--port", str(free_port())], tmp_path, VLLM_CPU_KVCACHE_SPACE="3")
+    assert kept.env["VLLM_CPU_KVCACHE_SPACE"] == "3"
+
+
+def test_vllms_own_plugins_stay_enabled_by_default(tmp_path: Path) -> None:
+    plan = _plan(["--port", str(free_port())], tmp_path)
+    assert plan.env["VLLM_PLUGINS"].split(",") == [
+        "lora_filesystem_resolver", "lora_hf_hub_resolver", "gemmguard", "gemmguard_api"]
+
+
+def test_gemmguard_options_become_settings_and_vllm_options_pass_through(tmp_path: Path) -> None:
+    model = write_demo_model(tmp_path / "m")
+    plan = _plan(
+        [str(model), "--deny-kernel", "A", "--max-model-len", "512", "--deny-kernel", "B",
+         "--no-per-layer-metrics", "--port", str(free_port())],
+        tmp_path,
+    )
+    assert plan.model == str(model) and not plan.is_demo
+    assert plan.env["GEMMGUARD_DENY_KERNELS"] == "A,B"
+    assert plan.env["GEMMGUARD_PER_LAYER_METRICS"] == "0"
+    assert plan.vllm_args[:2] == ["--max-model-len", "512"]
+    assert "--deny-kernel" not in plan.vllm_args
+
+
+def test_model_may_be_given_with_the_model_option(tmp_path: Path) -> None:
+    model = write_demo_model(tmp_path / "m")
+    plan = _plan(["--model", str(model), "--port", str(free_port())], tmp_path)
+    assert plan.model == str(model)
+    assert "--model" not in plan.vllm_args
+
+
+def test_missing_model_path_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(ServeError, match="does not exist"):
+        _plan([str(tmp_path / "nope")], tmp_path)
+    with pytest.raises(ServeError, match="no config.json"):
+        _plan([str(tmp_path)], tmp_path)
+
+
+def test_port_in_use_is_an_error(tmp_path: Path) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        with pytest.raises(ServeError, match=f"Port {port} on 127.0.0.1 is already in use"):
+            _plan(["--host", "127.0.0.1", "--port", str(port)], tmp_path)
+
+
+def test_worker_extension_is_gemmguards_own(tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match="worker-extension-cls"):
+        _plan(["--worker-extension-cls", "x.Y"], tmp_path)
+
+
+def _serve(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "gemmguard.cli", "serve", *args],
+        capture_output=True, text=True, timeout=300,
+        env={"GEMMGUARD_CACHE_DIR": str(tmp_path), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)},
+    )
+
+
+def test_cli_wrong_model_path_ends_with_one_line(tmp_path: Path) -> None:
+    result = _serve([str(tmp_path / "missing-model")], tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1
+    assert result.stderr.startswith("gemmguard serve: error: Model path")
+
+
+def test_cli_port_in_use_ends_with_one_line(tmp_path: Path) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = _serve(["--host", "127.0.0.1", "--port", str(port)], tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip().endswith("pass --port with a free port.")
+    assert result.stderr.count("\n") == 1
+
+
+def test_cli_unsupported_option_ends_with_one_line(tmp_path: Path) -> None:
+    model = write_demo_model(tmp_path / "m")
+    result = _serve([str(model), "--port", str(free_port()), "--no-such-option", "1"], tmp_path)
+    assert result.returncode == 2
+    errors = [line for line in result.stderr.splitlines() if "error" in line.lower()]
+    assert errors == [
+        line for line in errors if line.startswith("gemmguard serve: error: unrecognized arguments")
+    ]
+    assert len(errors) == 1 and "--no-such-option" in errors[0]
