@@ -12,7 +12,8 @@ import torch
 from safetensors.torch import load_file
 
 from gemmguard.demo import DemoSpec, write_demo_model
-from gemmguard.demo.checkpoint import FP8_BLOCK, quantize_fp8_block
+from gemmguard.demo.checkpoint import FP8_BLOCK
+from gemmguard.numerics import quantize_fp8_block
 from gemmguard.errors import UsageError
 
 

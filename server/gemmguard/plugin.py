@@ -7,9 +7,39 @@ from __future__ import annotations
 
 import logging
 
+from gemmguard import ledger
+
 logger = logging.getLogger("gemmguard")
 
 _REGISTERED = False
+
+PORTABLE_KERNELS_PATCH = ledger.Patch(
+    name="portable-fp8-block-kernels",
+    why="FP8 block-scaled checkpoints fail to load where no vLLM kernel fits (CPUs without "
+    "AMX; GPUs before the kernels' minimum capability).",
+    how="Append gemmguard's portable W8A16 and W8A8 kernels to the end of "
+    "_POSSIBLE_FP8_BLOCK_KERNELS for every platform, so vLLM's own kernels keep priority.",
+    upstream="vLLM added Marlin as an FP8 block candidate for Ampere (seed fix 004); no "
+    "portable fallback exists for CPUs without AMX in 0.32/0.33.",
+    remove_when="vLLM ships a portable FP8 block-scaled kernel as a last candidate.",
+)
+
+
+def add_portable_kernels() -> None:
+    """Append the portable FP8 block kernels as the last candidate on every platform."""
+    from gemmguard import vllm_adapter
+    from gemmguard.kernels.portable_fp8_block import PORTABLE_KERNEL_NAMES, build_kernels
+
+    lists = vllm_adapter.candidate_lists("fp8_block")
+    if any(k.__name__ in PORTABLE_KERNEL_NAMES for kernels in lists.values() for k in kernels):
+        return
+    kernels = build_kernels()
+    for platform_kernels in lists.values():
+        platform_kernels.extend(kernels)
+    platform_enum = type(next(iter(lists)))
+    for platform in platform_enum:  # platforms vLLM lists none for (e.g. OOT) get them too
+        lists.setdefault(platform, list(kernels))
+    ledger.record(PORTABLE_KERNELS_PATCH)
 
 
 def register() -> None:
@@ -18,4 +48,9 @@ def register() -> None:
     if _REGISTERED:
         return
     _REGISTERED = True
+    from gemmguard.config import settings
+    from gemmguard.inventory import selection
+
+    add_portable_kernels()
+    selection.install(settings().deny_kernels)
     logger.debug("gemmguard general plugin loaded")

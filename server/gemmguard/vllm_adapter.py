@@ -107,3 +107,85 @@ def prometheus_registry() -> Any:
     """The registry vLLM's /metrics serves (a multiprocess one with several API servers)."""
     get_registry = _lookup(("vllm.v1.metrics.prometheus", "get_prometheus_registry"))
     return get_registry()
+
+
+# --- linear kernel selection ------------------------------------------------------------
+# Same module in 0.26, 0.32 and 0.33: vllm.model_executor.kernels.linear. Its choosers look
+# up `is_supported_and_can_implement_kernel` and `choose_*` in their module globals at call
+# time, so rebinding those names there reaches every caller.
+
+LINEAR_KERNELS_MODULE = "vllm.model_executor.kernels.linear"
+# The candidate lists gemmguard reads and extends, by the quantization they serve.
+CANDIDATE_LISTS = {
+    "fp8_block": "_POSSIBLE_FP8_BLOCK_KERNELS",
+    "fp8": "_POSSIBLE_FP8_KERNELS",
+    "int8": "_POSSIBLE_INT8_KERNELS",
+    "mixed_precision": "_POSSIBLE_KERNELS",
+}
+
+
+def linear_kernels_module() -> Any:
+    """vLLM's linear-kernel selection module."""
+    return importlib.import_module(LINEAR_KERNELS_MODULE)
+
+
+def candidate_lists(kind: str) -> dict[Any, list[type]]:
+    """vLLM's {platform: [kernel classes in priority order]} for one quantization kind."""
+    return _lookup((LINEAR_KERNELS_MODULE, CANDIDATE_LISTS[kind]))  # type: ignore[no-any-return]
+
+
+def fp8_block_kernel_base() -> type:
+    """Base class of FP8 block-scaled linear kernels (weights in 128×128 blocks)."""
+    return _lookup(  # type: ignore[no-any-return]
+        (
+            "vllm.model_executor.kernels.linear.scaled_mm.BlockScaledMMLinearKernel",
+            "Fp8BlockScaledMMLinearKernel",
+        ),
+    )
+
+
+def unquantized_cpu_dispatch_module() -> Any:
+    """Module holding `dispatch_cpu_unquantized_gemm`, looked up by callers at call time."""
+    return importlib.import_module("vllm.model_executor.layers.utils")
+
+
+def custom_ops() -> Any:
+    """vLLM's `_custom_ops` module (the oneDNN handle factory lives there on CPU builds)."""
+    return importlib.import_module("vllm._custom_ops")
+
+
+# --- model structure ----------------------------------------------------------------------
+
+
+def linear_base() -> type:
+    return _lookup(("vllm.model_executor.layers.linear", "LinearBase"))  # type: ignore[no-any-return]
+
+
+def lm_head_class() -> type:
+    return _lookup(  # type: ignore[no-any-return]
+        ("vllm.model_executor.layers.vocab_parallel_embedding", "ParallelLMHead")
+    )
+
+
+def moe_layer_classes() -> tuple[type, ...]:
+    """Module classes that own an MoE expert GEMM (0.32/0.33 RoutedExperts; 0.26 FusedMoE)."""
+    found = []
+    for module_name, attr in (
+        ("vllm.model_executor.layers.fused_moe.routed_experts", "RoutedExperts"),
+        ("vllm.model_executor.layers.fused_moe.layer", "FusedMoE"),
+    ):
+        try:
+            found.append(getattr(importlib.import_module(module_name), attr))
+        except (ImportError, AttributeError):
+            continue
+    return tuple(found)
+
+
+def attention_class() -> type | None:
+    """vLLM's attention layer class (its `.impl` is the attention kernel)."""
+    for module_name in ("vllm.model_executor.layers.attention", "vllm.attention.layer"):
+        try:
+            return getattr(importlib.import_module(module_name), "Attention")  # type: ignore[no-any-return]
+        except (ImportError, AttributeError):
+            continue
+    return None

@@ -24,3 +24,13 @@ class GemmguardWorkerExtension:
         info: dict[str, Any] = dict(build_info())
         info["rank"] = int(getattr(self, "rank", 0))
         return info
+
+    def gemmguard_kernel_report(self) -> list[dict[str, Any]]:
+        """Every GEMM-owning layer of this rank: its kernel and the candidates turned down."""
+        from gemmguard.inventory.report import kernel_report
+
+        rows = kernel_report(self.get_model())  # type: ignore[attr-defined]
+        rank = int(getattr(self, "rank", 0))
+        for row in rows:
+            row["rank"] = rank
+        return rows

@@ -15,10 +15,10 @@ from safetensors.torch import save_file
 
 from gemmguard.demo.tokenizer import SPECIAL_TOKENS, write_tokenizer
 from gemmguard.errors import UsageError
+from gemmguard.numerics import quantize_fp8_block
 
 SCHEMES = ("bf16", "fp8-block")
 FP8_BLOCK = 128
-FP8_MAX = float(torch.finfo(torch.float8_e4m3fn).max)
 
 
 @dataclass(frozen=True)
@@ -65,20 +65,6 @@ def _linear_shapes(spec: DemoSpec) -> dict[str, tuple[int, int]]:
     }
 
 
-def quantize_fp8_block(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Quantize to float8_e4m3fn with one fp32 scale per 128×128 block.
-
-    Returns (weight_fp8, weight_scale_inv) with weight ≈ weight_fp8 * scale_inv per block,
-    the layout of DeepSeek-V3 and Qwen3-FP8 checkpoints.
-    """
-    out_f, in_f = weight.shape
-    blocks = weight.float().reshape(out_f // FP8_BLOCK, FP8_BLOCK, in_f // FP8_BLOCK, FP8_BLOCK)
-    amax = blocks.abs().amax(dim=(1, 3)).clamp(min=1e-12)
-    scale_inv = amax / FP8_MAX
-    q = (blocks / scale_inv[:, None, :, None]).clamp(-FP8_MAX, FP8_MAX)
-    return q.reshape(out_f, in_f).to(torch.float8_e4m3fn), scale_inv.contiguous()
-
-
 def _tensors(spec: DemoSpec, scheme: str, seed: int) -> dict[str, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
 
@@ -101,7 +87,7 @@ def _tensors(spec: DemoSpec, scheme: str, seed: int) -> dict[str, torch.Tensor]:
         for name, (rows, cols) in _linear_shapes(spec).items():
             weight = normal(rows, cols, std=cols**-0.5)
             if scheme == "fp8-block":
-                q, scale_inv = quantize_fp8_block(weight)
+                q, scale_inv = quantize_fp8_block(weight, (FP8_BLOCK, FP8_BLOCK))
                 out[f"{prefix}.{name}.weight"] = q
                 out[f"{prefix}.{name}.weight_scale_inv"] = scale_inv
             else:

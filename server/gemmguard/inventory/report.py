@@ -1,0 +1,150 @@
+"""Walk a loaded model and name the kernel every GEMM-owning module really runs.
+
+Read after `process_weights_after_loading`: some quant methods re-select there, and MoE
+kernels are only built there. Rows are plain dicts (they cross vLLM's msgspec RPC).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from gemmguard import vllm_adapter
+from gemmguard.inventory.selection import Selection, selection_for_config, selection_for_layer
+
+# Where quant methods (or their compressed-tensors / Quark scheme) keep the kernel instance.
+KERNEL_ATTRS = ("fp8_linear", "kernel", "linear_kernel", "ocp_mx_linear")
+MOE_BACKEND_ATTRS = (
+    "fp8_backend", "nvfp4_backend", "mxfp4_backend", "mxfp8_backend", "w4a8_backend",
+    "wna16_backend", "wna16_moe_backend", "int8_backend", "unquantized_backend", "backend",
+)
+_DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+
+
+def _kernel_of(holder: Any) -> Any:
+    for attr in KERNEL_ATTRS:
+        kernel = getattr(holder, attr, None)
+        if kernel is not None and not isinstance(kernel, type) and hasattr(kernel, "config"):
+            return kernel
+    return None
+
+
+def _kernel_name(kernel: Any) -> str:
+    name = type(kernel).__name__
+    # Kernels that pick a sub-kernel per call by shape (e.g. M<32 FlashInfer, else DeepGEMM).
+    base, fallback = getattr(kernel, "base", None), getattr(kernel, "fallback", None)
+    if base is not None and fallback is not None:
+        name += f"[{type(base).__name__}|{type(fallback).__name__}]"
+    return name
+
+
+def _group_scheme(prefix: str, group_shape: Any) -> str:
+    row, col = int(getattr(group_shape, "row", 0)), int(getattr(group_shape, "col", 0))
+    if row > 1 and col > 1:
+        return f"{prefix}-block"
+    if row == -1 and col == -1:
+        return f"{prefix}-tensor"
+    return f"{prefix}-channel"
+
+
+def scheme_of(kernel: Any, weight: torch.Tensor | None) -> str:
+    """Quantization scheme from the kernel config's keys, else from the weight's dtype."""
+    config = getattr(kernel, "config", None)
+    wkey = getattr(config, "weight_quant_key", None)
+    if wkey is not None:
+        dtype = getattr(wkey, "dtype", None)
+        prefix = "int8" if dtype == torch.int8 else "fp8"
+        return _group_scheme(prefix, getattr(getattr(wkey, "scale", None), "group_shape", None))
+    weight_type = getattr(config, "weight_type", None)
+    if weight_type is not None:  # mixed precision (WNA16, W4A8)
+        bits = getattr(weight_type, "size_bits", None)
+        act = getattr(config, "act_type", None)
+        act_bits = "8" if act in (torch.int8, torch.float8_e4m3fn) else "16"
+        return f"w{bits}a{act_bits}"
+    if weight is not None:
+        if weight.dtype in _DTYPE_NAMES:
+            return f"unquantized-{_DTYPE_NAMES[weight.dtype]}"
+        return str(weight.dtype).replace("torch.", "")
+    return "unknown"
+
+
+def _function_name(fn: Any) -> str:
+    fn = getattr(fn, "func", fn)  # functools.partial
+    return str(getattr(fn, "__qualname__", None) or type(fn).__name__)
+
+
+def _row(layer: str, layer_type: str, method: Any, kernel: str, scheme: str,
+         selection: Selection | None) -> dict[str, Any]:
+    attempts = selection.attempts if selection else []
+    turned_down = [a.as_dict() for a in attempts if not a.accepted]
+    return {
+        "layer": layer,
+        "layer_type": layer_type,
+        "quant_method": type(method).__name__,
+        "scheme": scheme,
+        "kernel": kernel,
+        "preferred": attempts[0].kernel if attempts else kernel,
+        "turned_down": turned_down,
+    }
+
+
+def _linear_row(name: str, module: Any, layer_type: str) -> dict[str, Any]:
+    method = module.quant_method
+    holder = getattr(module, "scheme", None)
+    kernel = (_kernel_of(holder) if holder is not None else None) or _kernel_of(method)
+    weight = getattr(module, "weight", None)
+    if kernel is not None:
+        selection = selection_for_config(kernel.config)
+        return _row(name, layer_type, holder or method, _kernel_name(kernel),
+                    scheme_of(kernel, weight), selection)
+    # Unquantized: vLLM keeps the GEMM function; on CPU the branch is set per layer.
+    layer_selection = selection_for_layer(module)
+    if layer_selection is not None:
+        chosen = layer_selection.attempts[-1].kernel
+    elif hasattr(module, "cpu_linear"):
+        from gemmguard.inventory.selection import cpu_gemm_name
+
+        chosen = cpu_gemm_name(module.cpu_linear)
+    else:
+        chosen = _function_name(getattr(method, "_gemm_impl", None) or method.apply)
+    return _row(name, layer_type, method, chosen, scheme_of(None, weight), layer_selection)
+
+
+def _moe_row(name: str, module: Any) -> dict[str, Any]:
+    method = module.quant_method
+    backend = next((getattr(method, a) for a in MOE_BACKEND_ATTRS
+                    if getattr(method, a, None) is not None), None)
+    moe_kernel = getattr(method, "moe_kernel", None)
+    experts = getattr(moe_kernel, "fused_experts", None)
+    if experts is not None:
+        kernel = type(experts).__name__
+        if hasattr(experts, "fallback_experts"):  # chosen per call by shape
+            kernel += f"[{type(experts.experts).__name__}|{type(experts.fallback_experts).__name__}]"
+    else:
+        kernel = _function_name(getattr(method, "experts_cls", None) or method)
+    row = _row(name, "moe", method, kernel, scheme_of(None, getattr(module, "w13_weight", None)),
+               None)
+    row["backend"] = str(getattr(backend, "value", backend) or "")
+    return row
+
+
+def kernel_report(model: torch.nn.Module) -> list[dict[str, Any]]:
+    """One row per GEMM-owning module: layer, type, scheme, kernel, turned-down candidates."""
+    linear, lm_head = vllm_adapter.linear_base(), vllm_adapter.lm_head_class()
+    moe, attention = vllm_adapter.moe_layer_classes(), vllm_adapter.attention_class()
+    rows = []
+    for name, module in model.named_modules():
+        if getattr(module, "quant_method", None) is not None:
+            if isinstance(module, lm_head):
+                rows.append(_linear_row(name, module, "lm_head"))
+            elif isinstance(module, linear):
+                rows.append(_linear_row(name, module, "linear"))
+            elif moe and isinstance(module, moe):
+                rows.append(_moe_row(name, module))
+        if attention is not None and isinstance(module, attention):
+            impl = getattr(module, "impl", None)
+            kv_dtype = str(getattr(module, "kv_cache_dtype", "auto"))
+            rows.append(_row(name, "attention", impl, type(impl).__name__, f"kv-{kv_dtype}",
+                             None))
+    return rows

@@ -1,0 +1,1 @@
+"""Kernels gemmguard adds to vLLM's candidate lists."""
