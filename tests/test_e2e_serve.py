@@ -13,6 +13,8 @@ from conftest import Server
 pytestmark = pytest.mark.e2e
 
 MODEL = "gemmguard-demo"
+# The demo model is random: it may sample its end-of-sequence token at any step.
+NO_EOS = {"ignore_eos": True}
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +28,8 @@ def client(server: Server) -> openai.OpenAI:
 
 
 def _assert_still_serves(client: openai.OpenAI) -> None:
-    reply = client.completions.create(model=MODEL, prompt="ok", max_tokens=2, temperature=0)
+    reply = client.completions.create(model=MODEL, prompt="ok", max_tokens=2, temperature=0,
+                                      extra_body=NO_EOS)
     assert reply.usage is not None and reply.usage.completion_tokens == 2
 
 
@@ -36,7 +39,8 @@ def test_models_lists_the_demo_model(client: openai.OpenAI) -> None:
 
 def test_chat_completion(client: openai.OpenAI) -> None:
     reply = client.chat.completions.create(
-        model=MODEL, messages=[{"role": "user", "content": "Hello"}], max_tokens=8, temperature=0
+        model=MODEL, messages=[{"role": "user", "content": "Hello"}], max_tokens=8, temperature=0,
+        extra_body=NO_EOS,
     )
     assert reply.choices[0].message.role == "assistant"
     assert reply.usage is not None and reply.usage.completion_tokens == 8
@@ -49,6 +53,7 @@ def test_chat_completion_streaming_matches_plain(client: openai.OpenAI) -> None:
         "messages": [{"role": "user", "content": "Stream me"}],
         "max_tokens": 8,
         "temperature": 0,
+        "extra_body": NO_EOS,
     }
     plain = client.chat.completions.create(**request)  # type: ignore[call-overload]
     chunks = list(client.chat.completions.create(stream=True, **request))  # type: ignore[call-overload]

@@ -22,7 +22,7 @@ def _plan(argv: list[str], tmp_path: Path, **env: str):  # type: ignore[no-untyp
 
 def test_no_model_serves_the_demo_under_a_short_name(tmp_path: Path) -> None:
     plan = _plan(["--port", str(free_port())], tmp_path)
-    assert plan.is_demo and plan.demo_scheme == "bf16"
+    assert plan.is_demo and plan.demo_scheme == "fp8-block"
     assert plan.model.startswith(str(tmp_path))
     assert plan.served_name == "gemmguard-demo"
     assert plan.vllm_args[-4:-2] == ["--served-model-name", "gemmguard-demo"]

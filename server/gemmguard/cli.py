@@ -29,6 +29,17 @@ def _serve(args: argparse.Namespace) -> int:
     return serve(args.serve_args)
 
 
+def _kernels(args: argparse.Namespace) -> int:
+    import json
+
+    from gemmguard.offline import format_kernel_table, start_engine
+
+    engine = start_engine(args.model, args.vllm_args, args.deny_kernel)
+    ranks = engine.collective_rpc("gemmguard_kernel_report")
+    print(json.dumps(ranks, indent=2) if args.json else format_kernel_table(ranks))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The `gemmguard` parser with one subparser per verb."""
     parser = argparse.ArgumentParser(
@@ -68,6 +79,18 @@ def build_parser() -> argparse.ArgumentParser:
                       help="MLP width, a multiple of 128. Default: 512.")
     demo.set_defaults(handler=_demo_model)
 
+    kernels = verbs.add_parser(
+        "kernels",
+        help="Load MODEL offline and print the kernel each layer runs.",
+        description="Load MODEL with vLLM (no server) and print, per layer, the kernel vLLM "
+        "chose and the candidates it turned down. Unknown options are vLLM's.",
+    )
+    kernels.add_argument("model", help="Checkpoint folder or Hugging Face model id.")
+    kernels.add_argument("--json", action="store_true", help="Print JSON instead of a table.")
+    kernels.add_argument("--deny-kernel", action="append", default=[], metavar="NAME",
+                         help="Remove the kernel class NAME from every candidate list.")
+    kernels.set_defaults(handler=_kernels)
+
     from gemmguard.evaluation.commands import add_eval_commands
 
     add_eval_commands(verbs)
@@ -81,6 +104,9 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["serve"] and not {"-h", "--help"} & set(argv):
         # vLLM's options are not known here; `serve` takes everything after the verb.
         args = argparse.Namespace(handler=_serve, serve_args=argv[1:])
+    elif argv[:1] == ["kernels"]:
+        args, vllm_args = parser.parse_known_args(argv)
+        args.vllm_args = vllm_args
     else:
         args = parser.parse_args(argv)
     try:

@@ -16,7 +16,9 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse
 
 import gemmguard
+from gemmguard import vllm_adapter
 from gemmguard.build import build_info
+from gemmguard.config import settings
 from gemmguard.metrics import process_metrics
 
 logger = logging.getLogger("gemmguard")
@@ -33,6 +35,7 @@ class GemmguardState:
     engine_client: Any
     api_server: dict[str, str] = field(default_factory=build_info)
     ranks: list[dict[str, Any]] = field(default_factory=list)
+    kernels: list[list[dict[str, Any]]] = field(default_factory=list)
     initialized: bool = False
 
 
@@ -52,6 +55,17 @@ async def get_build(request: Request) -> JSONResponse:
         return _not_ready("gemmguard has not gathered the engine's build info yet")
     return JSONResponse(
         {"gemmguard": gemmguard.__version__, "api_server": state.api_server, "ranks": state.ranks}
+    )
+
+
+@router.get("/v1/kernels")
+async def get_kernels(request: Request) -> JSONResponse:
+    """Per rank, per layer: the kernel vLLM chose and the candidates it turned down, and why."""
+    state = _state(request)
+    if state is None or not state.initialized:
+        return _not_ready("gemmguard has not gathered the kernel reports yet")
+    return JSONResponse(
+        {"ranks": [{"rank": i, "layers": rows} for i, rows in enumerate(state.kernels)]}
     )
 
 
@@ -81,6 +95,14 @@ class GemmguardEndpoints:
             logger.warning("gemmguard: no engine in this server (render-only); routes answer 503")
             return
         gg.ranks = list(await engine_client.collective_rpc("gemmguard_build_info"))
-        process_metrics().publish_build(gg.ranks[0] if gg.ranks else gg.api_server)
+        gg.kernels = list(await engine_client.collective_rpc("gemmguard_kernel_report"))
+        metrics = process_metrics()
+        metrics.publish_build(gg.ranks[0] if gg.ranks else gg.api_server)
+        metrics.publish_kernels(
+            (row for rows in gg.kernels for row in rows),
+            per_layer=settings().per_layer_metrics,
+            # Counters are summed over API servers in multiprocess mode: count them once.
+            count_fallbacks=vllm_adapter.api_server_index(engine_client) == 0,
+        )
         gg.initialized = True
         logger.info("gemmguard: %d rank(s) reported; routes under /gemmguard/", len(gg.ranks))

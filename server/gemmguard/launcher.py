@@ -68,8 +68,8 @@ def add_serve_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--demo-scheme",
         choices=("bf16", "fp8-block"),
-        default="bf16",
-        help="Demo checkpoint served when no MODEL is given. Default: bf16.",
+        default="fp8-block",
+        help="Demo checkpoint served when no MODEL is given. Default: fp8-block.",
     )
     parser.add_argument(
         "--deny-kernel",
@@ -177,16 +177,23 @@ def plan_serve(argv: list[str], environ: dict[str, str] | None = None) -> ServeP
     _check_port(host, port)
 
     vllm_args += ["--worker-extension-cls", EXTENSION_CLS]
-    env["VLLM_PLUGINS"] = _plugins_allowlist(env.get("VLLM_PLUGINS", ""))
-    if opts.deny_kernel:
-        denied = [*cfg.deny_kernels, *opts.deny_kernel]
-        env[PREFIX + "DENY_KERNELS"] = ",".join(dict.fromkeys(denied))
+    env = engine_env(env, opts.deny_kernel)
     if opts.no_per_layer_metrics:
         env[PREFIX + "PER_LAYER_METRICS"] = "0"
-    if vllm_adapter.is_cpu_build() and not env.get("VLLM_CPU_KVCACHE_SPACE"):
-        env["VLLM_CPU_KVCACHE_SPACE"] = CPU_KVCACHE_GIB
     demo_scheme = opts.demo_scheme if is_demo else None
     return ServePlan(model, vllm_args, env, host, port, served_name, demo_scheme, notes)
+
+
+def engine_env(environ: dict[str, str], deny_kernels: list[str]) -> dict[str, str]:
+    """The environment every vLLM process of a gemmguard engine needs (server or offline)."""
+    env = dict(environ)
+    env["VLLM_PLUGINS"] = _plugins_allowlist(env.get("VLLM_PLUGINS", ""))
+    if deny_kernels:
+        denied = [*settings(env).deny_kernels, *deny_kernels]
+        env[PREFIX + "DENY_KERNELS"] = ",".join(dict.fromkeys(denied))
+    if vllm_adapter.is_cpu_build() and not env.get("VLLM_CPU_KVCACHE_SPACE"):
+        env["VLLM_CPU_KVCACHE_SPACE"] = CPU_KVCACHE_GIB
+    return env
 
 
 def _is_model_option(args: list[str], i: int) -> bool:

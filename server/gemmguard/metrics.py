@@ -2,36 +2,95 @@
 
 The API server publishes what it gathered from the workers. Gauges use
 `multiprocess_mode="mostrecent"` so that with several API servers (vLLM's Prometheus
-multiprocess mode, where custom collectors are not exposed) each series appears once.
+multiprocess mode, where custom collectors are not exposed) each series appears once;
+counters, which that mode sums over processes, are published by API server 0 only.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import re
+from collections import Counter as Tally
+from collections.abc import Iterable, Mapping
 from typing import Any
 
-from prometheus_client import REGISTRY, CollectorRegistry, Gauge
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge
 
 BUILD_LABELS = ("version", "vllm_version", "torch_version", "platform", "device")
+LAYER_LABELS = ("layer", "layer_type", "scheme", "kernel", "rank")
+AGGREGATE_LABELS = ("kernel", "scheme", "layer_type")
+FALLBACK_LABELS = ("layer_type", "scheme", "preferred", "chosen", "reason")
+# Reasons are vLLM's own sentences; long ones are cut so a label stays readable and bounded.
+MAX_LABEL_CHARS = 160
+
+
+def bounded_label(value: object, limit: int = MAX_LABEL_CHARS) -> str:
+    """A label value with whitespace collapsed and at most `limit` characters."""
+    text = re.sub(r"\s+", " ", str(value)).strip()
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 class Metrics:
     """The gemmguard metric families of one API-server process."""
 
     def __init__(self, registry: CollectorRegistry | None = REGISTRY) -> None:
-        kwargs: dict[str, Any] = {"registry": registry}
-        self.build_info = Gauge(
+        def gauge(name: str, doc: str, labels: Iterable[str] = ()) -> Gauge:
+            return Gauge(name, doc, tuple(labels), multiprocess_mode="mostrecent",
+                         registry=registry)
+
+        self.build_info = gauge(
             "gemmguard_build_info",
             "gemmguard, vLLM and torch versions, platform and device (always 1).",
             BUILD_LABELS,
-            multiprocess_mode="mostrecent",
-            **kwargs,
+        )
+        self.layer_kernel_info = gauge(
+            "gemmguard_layer_kernel_info",
+            "The GEMM kernel each layer runs, per rank (always 1).",
+            LAYER_LABELS,
+        )
+        self.kernel_layers = gauge(
+            "gemmguard_kernel_layers",
+            "Number of layers (over all ranks) running each kernel.",
+            AGGREGATE_LABELS,
+        )
+        self.kernel_fallback = Counter(
+            "gemmguard_kernel_fallback_total",
+            "Layers whose earlier-priority kernel candidates were turned down, one count per "
+            "turned-down candidate, with the kernel finally chosen and the reason.",
+            FALLBACK_LABELS,
+            registry=registry,
         )
 
     def publish_build(self, info: Mapping[str, Any]) -> None:
         """Set gemmguard_build_info from one process's build info."""
         self.build_info.clear()
         self.build_info.labels(*(str(info.get(label, "")) for label in BUILD_LABELS)).set(1)
+
+    def publish_kernels(self, rows: Iterable[Mapping[str, Any]], *, per_layer: bool = True,
+                        count_fallbacks: bool = True) -> None:
+        """Export the kernel report: per-layer info, per-kernel counts, fallbacks."""
+        rows = list(rows)
+        self.layer_kernel_info.clear()
+        self.kernel_layers.clear()
+        if per_layer:
+            for row in rows:
+                self.layer_kernel_info.labels(
+                    *(bounded_label(row.get(label, "")) for label in LAYER_LABELS)
+                ).set(1)
+        tally = Tally(tuple(bounded_label(row[label]) for label in AGGREGATE_LABELS)
+                      for row in rows)
+        for labels, count in tally.items():
+            self.kernel_layers.labels(*labels).set(count)
+        if not count_fallbacks:
+            return
+        for row in rows:
+            for attempt in row.get("turned_down", ()):
+                self.kernel_fallback.labels(
+                    bounded_label(row["layer_type"]),
+                    bounded_label(row["scheme"]),
+                    bounded_label(attempt["kernel"]),
+                    bounded_label(row["kernel"]),
+                    bounded_label(attempt["reason"] or "unsupported"),
+                ).inc()
 
 
 _PROCESS_METRICS: Metrics | None = None

@@ -189,3 +189,8 @@ def attention_class() -> type | None:
         except (ImportError, AttributeError):
             continue
     return None
+
+
+def api_server_index(engine_client: Any) -> int:
+    """Index of this API server among several (0 when there is one)."""
+    return int(getattr(getattr(engine_client, "engine_core", None), "client_index", 0) or 0)

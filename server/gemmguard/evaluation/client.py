@@ -48,7 +48,9 @@ class ServerClient:
                 "or fix the URL."
             ) from exc
         except json.JSONDecodeError as exc:
-            raise UsageError(f"{url} did not answer with JSON ({exc}); is it a vLLM server?") from exc
+            raise UsageError(
+                f"{url} did not answer with JSON ({exc}); is it a vLLM server?"
+            ) from exc
 
     def get(self, path: str) -> Any:
         """GET `path` and decode the JSON answer."""

@@ -99,7 +99,7 @@ class _Reader:
         self.where = where
         if not isinstance(data, Mapping):
             self.fail(f"must be a mapping, got {type(data).__name__} {data!r}")
-        self.data: Mapping[str, Any] = data  # type: ignore[assignment]
+        self.data: Mapping[str, Any] = data
 
     def fail(self, message: str) -> NoReturn:
         raise UsageError(f"Eval config {self.source}: {self.where}{message}.")
@@ -213,7 +213,9 @@ def parse_config(data: object, source: str = "<config>", path: Path | None = Non
         top.fail(f"'rtol' is {rtol}; it is a relative tolerance and must be in [0, 1)")
     src = _source(top.child("source", top.data["source"]))
     measured = top.data.get("measured_with")
-    measured_with = None if measured is None else _measured_with(top.child("measured_with", measured))
+    measured_with = (
+        None if measured is None else _measured_with(top.child("measured_with", measured))
+    )
     if src.kind == "measured" and measured_with is None:
         top.fail("source.kind is 'measured' but 'measured_with' is missing; say what it ran on")
     if src.kind != "measured" and measured_with is not None:

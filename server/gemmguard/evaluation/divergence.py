@@ -69,7 +69,7 @@ def top_k_overlap(reference: Mapping[str, float], candidate: Mapping[str, float]
 def first_divergence(candidate: Sequence[str], reference: Sequence[str]) -> int | None:
     """Index of the first position where the token sequences differ (a length mismatch counts);
     None when they are identical."""
-    for i, (a, b) in enumerate(zip(candidate, reference)):
+    for i, (a, b) in enumerate(zip(candidate, reference, strict=False)):
         if a != b:
             return i
     if len(candidate) != len(reference):
@@ -105,7 +105,7 @@ def compare(candidate: Sequence[Step], reference: Sequence[Step]) -> Comparison:
     """
     cand = tuple(s.token for s in candidate)
     ref = tuple(s.token for s in reference)
-    matched = sum(1 for a, b in zip(cand, ref) if a == b)
+    matched = sum(1 for a, b in zip(cand, ref, strict=False) if a == b)
     diverged = first_divergence(cand, ref)
     shared = min(len(cand), len(ref))
     last = shared if diverged is None else min(diverged + 1, shared)

@@ -81,7 +81,7 @@ def generate(
             "the kernel-swap eval needs an OpenAI completions API that returns them."
         ) from exc
     return [Step(str(t), {str(k): float(v) for k, v in (top or {}).items()})
-            for t, top in zip(tokens, tops)]
+            for t, top in zip(tokens, tops, strict=True)]
 
 
 @dataclass(frozen=True)
@@ -153,7 +153,7 @@ class KernelSwapReport:
                     "candidate_tokens": list(c.candidate_tokens),
                     "reference_tokens": list(c.reference_tokens),
                 }
-                for prompt, c in zip(self.prompts, self.comparisons)
+                for prompt, c in zip(self.prompts, self.comparisons, strict=True)
             ],
         }
 
@@ -168,7 +168,7 @@ class KernelSwapReport:
             "",
             f"  token agreement      {s.agreement:.4f}  ({s.matched} of {s.positions} positions)",
             f"  identical prompts    {s.identical_prompts} of {s.prompts}",
-            f"  earliest divergence  "
+            "  earliest divergence  "
             + ("none" if s.earliest_divergence is None else f"token {s.earliest_divergence}"),
             f"  mean KL (ref||cand)  {s.mean_kl:.3g} nats over {s.kl_positions} positions "
             f"(max {s.max_kl:.3g}); top-k overlap {s.mean_top_k_overlap:.3f}",

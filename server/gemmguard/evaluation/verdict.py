@@ -1,4 +1,4 @@
-"""Judging lm-eval results against a config: one one-sided rule, a one-screen verdict, a JSON record.
+"""Judging lm-eval results against a config: a one-sided rule, a one-screen verdict, a JSON record.
 
 The rule is `measured >= value * (1 - rtol)` for every expected metric: only a drop fails.
 """
@@ -143,7 +143,8 @@ def render(config: EvalConfig, verdict: Verdict, document: Mapping[str, Any]) ->
     run = document["run"]
     lines = [
         f"gemmguard eval: {config.model_name} on {config.hardware} ({config.path or config.stem})",
-        f"  server    {run['base_url']}  model '{run['model']}'  {run.get('server') or ''}".rstrip(),
+        f"  server    {run['base_url']}  model '{run['model']}'  {run.get('server') or ''}"
+        .rstrip(),
     ]
     for task, counts in document["n_samples"].items():
         lines.append(
@@ -168,12 +169,13 @@ def render(config: EvalConfig, verdict: Verdict, document: Mapping[str, Any]) ->
             rows.append((task, name, _fmt(_number(value)), _fmt(_number(stderr)), "-", "-",
                          "not judged"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines += ["  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip()
+    lines += ["  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
               for row in rows]
     lines.append("")
     configured = config.limit
     for task, counts in document["n_samples"].items():
-        wanted = counts.get("original") if configured is None else min(configured, counts["original"])
+        original = counts.get("original")
+        wanted = original if configured is None else min(configured, original)
         if counts.get("effective") != wanted:
             lines.append(
                 f"  note: {task} ran {counts.get('effective')} samples, not the configured "
