@@ -124,3 +124,17 @@ def test_deny_kernel_changes_the_kernel_and_counts_a_denied_fallback(
     reply = client.completions.create(model="gemmguard-demo", prompt="hi", max_tokens=4,
                                       extra_body={"ignore_eos": True})
     assert reply.usage is not None and reply.usage.completion_tokens == 4
+
+
+def test_several_api_servers_export_each_series_once(
+    server_factory: Callable[..., Server], server: Server
+) -> None:
+    # vLLM switches /metrics to its Prometheus multiprocess mode with more than one API server.
+    multi = server_factory("--demo-scheme", "fp8-block", "--api-server-count", "2")
+    layers = _samples(multi, "gemmguard_layer_kernel_info")
+    assert len(layers) == len({s.labels["layer"] for s in layers}) == len(_layers(multi))
+    single = {tuple(sorted(s.labels.items())): s.value
+              for s in _samples(server, "gemmguard_kernel_fallback_total")}
+    several = {tuple(sorted(s.labels.items())): s.value
+               for s in _samples(multi, "gemmguard_kernel_fallback_total")}
+    assert several == single  # counted once, not once per API server

@@ -1,0 +1,38 @@
+"""Scheme names derived from kernel configs and weights, not from checkpoint names."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import torch
+
+from gemmguard.inventory.report import scheme_of
+
+
+def _fp8_kernel(row: int, col: int, dtype: torch.dtype = torch.float8_e4m3fn) -> object:
+    group = SimpleNamespace(row=row, col=col)
+    key = SimpleNamespace(dtype=dtype, scale=SimpleNamespace(group_shape=group))
+    return SimpleNamespace(config=SimpleNamespace(weight_quant_key=key))
+
+
+def test_fp8_schemes_follow_the_weight_scale_group_shape() -> None:
+    assert scheme_of(_fp8_kernel(128, 128), None) == "fp8-block"
+    assert scheme_of(_fp8_kernel(-1, -1), None) == "fp8-tensor"
+    assert scheme_of(_fp8_kernel(1, -1), None) == "fp8-channel"
+    assert scheme_of(_fp8_kernel(1, -1, torch.int8), None) == "int8-channel"
+
+
+def test_unquantized_scheme_is_the_weight_dtype() -> None:
+    assert scheme_of(None, torch.empty(0, dtype=torch.bfloat16)) == "unquantized-bf16"
+    assert scheme_of(None, torch.empty(0, dtype=torch.float16)) == "unquantized-fp16"
+
+
+def test_real_vllm_fp8_block_key_is_named_fp8_block() -> None:
+    from vllm.model_executor.layers.quantization.utils.quant_utils import (
+        GroupShape,
+        create_fp8_quant_key,
+    )
+
+    key = create_fp8_quant_key(static=True, group_shape=GroupShape(128, 128))
+    kernel = SimpleNamespace(config=SimpleNamespace(weight_quant_key=key))
+    assert scheme_of(kernel, None) == "fp8-block"

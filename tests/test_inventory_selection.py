@@ -1,0 +1,91 @@
+"""Kernel-selection capture and the deny list, through vLLM's real chooser."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from types import SimpleNamespace
+
+import pytest
+
+from gemmguard.inventory import selection
+
+
+class _Kernel:
+    reason: str | None = None
+
+    @classmethod
+    def is_supported(cls, compute_capability: int | None = None) -> tuple[bool, str | None]:
+        return cls.reason is None, cls.reason
+
+    @classmethod
+    def can_implement(cls, config: object) -> tuple[bool, str | None]:
+        return True, None
+
+
+class FirstKernel(_Kernel):
+    pass
+
+
+class UnsupportedKernel(_Kernel):
+    reason = "requires a GPU this test does not have"
+
+
+class LastKernel(_Kernel):
+    pass
+
+
+@pytest.fixture
+def choose() -> Iterator[object]:
+    from vllm.config import VllmConfig, set_current_vllm_config
+    from vllm.model_executor.kernels import linear
+    from vllm.platforms import current_platform
+
+    selection.install(("FirstKernel",))
+    candidates = {current_platform._enum: [FirstKernel, UnsupportedKernel, LastKernel]}
+
+    def run(config: object) -> type:
+        return linear.choose_scaled_mm_linear_kernel(  # type: ignore[no-any-return]
+            config, candidates, quantization="fp8_block_w8a8"
+        )
+
+    with set_current_vllm_config(VllmConfig()):
+        yield run
+    selection.install(())
+
+
+def test_denied_and_unsupported_candidates_are_recorded_with_reasons(choose) -> None:  # type: ignore[no-untyped-def]
+    config = SimpleNamespace()
+    assert choose(config) is LastKernel
+    record = selection.selection_for_config(config)
+    assert record is not None
+    assert [(a.kernel, a.accepted) for a in record.attempts] == [
+        ("FirstKernel", False), ("UnsupportedKernel", False), ("LastKernel", True)]
+    assert record.turned_down[0].reason == selection.DENIED
+    assert "requires a GPU this test does not have" in record.turned_down[1].reason
+
+
+def test_without_the_deny_list_the_first_candidate_wins(choose) -> None:  # type: ignore[no-untyped-def]
+    selection.install(())
+    config = SimpleNamespace()
+    assert choose(config) is FirstKernel
+    record = selection.selection_for_config(config)
+    assert record is not None and record.turned_down == []
+
+
+def test_install_is_idempotent() -> None:
+    from vllm.model_executor.kernels import linear
+
+    selection.install(())
+    wrapped = linear.choose_scaled_mm_linear_kernel
+    selection.install(())
+    assert linear.choose_scaled_mm_linear_kernel is wrapped
+    assert not hasattr(wrapped.__gemmguard_wrapped__, "__gemmguard_wrapped__")
+
+
+def test_cpu_gemm_names_come_from_the_function_vllm_stored() -> None:
+    import torch
+
+    assert selection.cpu_gemm_name(lambda x, w, b: torch.nn.functional.linear(x, w, b)) == (
+        "torch.nn.functional.linear")
+    ops = SimpleNamespace(onednn_mm=None)
+    assert selection.cpu_gemm_name(lambda x, w, b: ops.onednn_mm(None, x, b)) == "onednn_mm"
