@@ -40,6 +40,18 @@ def _kernels(args: argparse.Namespace) -> int:
     return 0
 
 
+def _selfcheck(args: argparse.Namespace) -> int:
+    import json
+
+    from gemmguard.offline import start_engine
+    from gemmguard.selfcheck.policy import Outcome, summary
+
+    engine = start_engine(args.model, args.vllm_args, args.deny_kernel)
+    outcome = Outcome(policy="fail", ranks=engine.collective_rpc("gemmguard_selfcheck"))
+    print(json.dumps(outcome.as_dict(), indent=2) if args.json else summary(outcome))
+    return 0 if outcome.passed else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The `gemmguard` parser with one subparser per verb."""
     parser = argparse.ArgumentParser(
@@ -91,6 +103,19 @@ def build_parser() -> argparse.ArgumentParser:
                          help="Remove the kernel class NAME from every candidate list.")
     kernels.set_defaults(handler=_kernels)
 
+    selfcheck = verbs.add_parser(
+        "selfcheck",
+        help="Load MODEL offline and check every layer's kernel against a reference GEMM.",
+        description="Load MODEL with vLLM (no server), compare each layer's kernel with a "
+        "reference GEMM built from the checkpoint, print the report; exit 1 on any degraded or "
+        "broken layer. Unknown options are vLLM's.",
+    )
+    selfcheck.add_argument("model", help="Checkpoint folder or Hugging Face model id.")
+    selfcheck.add_argument("--json", action="store_true", help="Print the full JSON report.")
+    selfcheck.add_argument("--deny-kernel", action="append", default=[], metavar="NAME",
+                           help="Remove the kernel class NAME from every candidate list.")
+    selfcheck.set_defaults(handler=_selfcheck)
+
     from gemmguard.evaluation.commands import add_eval_commands
 
     add_eval_commands(verbs)
@@ -104,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["serve"] and not {"-h", "--help"} & set(argv):
         # vLLM's options are not known here; `serve` takes everything after the verb.
         args = argparse.Namespace(handler=_serve, serve_args=argv[1:])
-    elif argv[:1] == ["kernels"]:
+    elif argv[:1] in (["kernels"], ["selfcheck"]):
         args, vllm_args = parser.parse_known_args(argv)
         args.vllm_args = vllm_args
     else:

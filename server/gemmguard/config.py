@@ -70,6 +70,51 @@ class Settings:
         return self.get("PER_LAYER_METRICS", _bool, True)
 
 
+    # Kernel class names the self-check turned down; denied with the reason "selfcheck".
+    @property
+    def selfcheck_denied(self) -> tuple[str, ...]:
+        return self.get("SELFCHECK_DENIED", _csv, ())
+
+    # What a failing self-check does: warn, fallback (restart once without the kernel) or fail.
+    @property
+    def selfcheck_policy(self) -> str:
+        return self.get("SELFCHECK_POLICY", _policy, "fallback")
+
+    # Where the server writes a failing self-check's report for `gemmguard serve` to act on.
+    @property
+    def selfcheck_report_file(self) -> str:
+        return self.get("SELFCHECK_REPORT_FILE", str, "")
+
+    # The report of the failed check that led to this restart (a file path; default none).
+    @property
+    def selfcheck_previous(self) -> str:
+        return self.get("SELFCHECK_PREVIOUS", str, "")
+
+    # Faulty test kernels put first in the FP8 block candidates (e8m0, garbage, corrupt-block).
+    @property
+    def test_kernels(self) -> tuple[str, ...]:
+        return self.get("TEST_KERNELS", _test_kernels, ())
+
+
+POLICIES = ("warn", "fallback", "fail")
+
+
+def _policy(value: str) -> str:
+    if value not in POLICIES:
+        raise ValueError(f"expected one of {', '.join(POLICIES)}")
+    return value
+
+
+def _test_kernels(value: str) -> tuple[str, ...]:
+    from gemmguard.kernels.faulty import FAULTY_KERNELS
+
+    names = _csv(value)
+    unknown = [n for n in names if n not in FAULTY_KERNELS]
+    if unknown:
+        raise ValueError(f"unknown {unknown}; known: {', '.join(FAULTY_KERNELS)}")
+    return names
+
+
 def settings(environ: Mapping[str, str] | None = None) -> Settings:
     """Settings read from `environ`, or from the process environment."""
     return Settings(environ)

@@ -19,9 +19,12 @@ import gemmguard
 from gemmguard import vllm_adapter
 from gemmguard.build import build_info
 from gemmguard.config import settings
+from gemmguard.errors import SelfcheckFailed
 from gemmguard.metrics import process_metrics
+from gemmguard.selfcheck.policy import Outcome, read_report, summary, write_report
 
-logger = logging.getLogger("gemmguard")
+# A child of vLLM's logger, so gemmguard's lines use vLLM's handler and format.
+logger = logging.getLogger("vllm.gemmguard")
 
 PLUGIN_NAME = "gemmguard_api"
 
@@ -36,6 +39,7 @@ class GemmguardState:
     api_server: dict[str, str] = field(default_factory=build_info)
     ranks: list[dict[str, Any]] = field(default_factory=list)
     kernels: list[list[dict[str, Any]]] = field(default_factory=list)
+    selfcheck: Outcome | None = None
     initialized: bool = False
 
 
@@ -69,13 +73,25 @@ async def get_kernels(request: Request) -> JSONResponse:
     )
 
 
+@router.get("/v1/selfcheck")
+async def get_selfcheck(request: Request) -> JSONResponse:
+    """The start-up self-check's full report: per rank and layer, bits, verdicts, fallbacks."""
+    state = _state(request)
+    if state is None or state.selfcheck is None:
+        return _not_ready("the start-up self-check has not run yet")
+    return JSONResponse(state.selfcheck.as_dict())
+
+
 @router.get("/ready")
 async def get_ready(request: Request) -> JSONResponse:
-    """200 once gemmguard's start-up checks have passed; 503 with the reason otherwise."""
+    """200 once the start-up self-check has passed (or warned); 503 with the reason otherwise."""
     state = _state(request)
-    if state is None or not state.initialized:
+    if state is None or not state.initialized or state.selfcheck is None:
         return _not_ready("gemmguard start-up checks have not finished")
-    return JSONResponse({"ready": True})
+    if not state.selfcheck.serves:
+        return _not_ready(state.selfcheck.as_dict()["summary"])
+    body: dict[str, Any] = {"ready": True, "selfcheck_passed": state.selfcheck.passed}
+    return JSONResponse(body)
 
 
 class GemmguardEndpoints:
@@ -94,15 +110,32 @@ class GemmguardEndpoints:
         if engine_client is None:
             logger.warning("gemmguard: no engine in this server (render-only); routes answer 503")
             return
+        cfg = settings()
         gg.ranks = list(await engine_client.collective_rpc("gemmguard_build_info"))
         gg.kernels = list(await engine_client.collective_rpc("gemmguard_kernel_report"))
         metrics = process_metrics()
         metrics.publish_build(gg.ranks[0] if gg.ranks else gg.api_server)
         metrics.publish_kernels(
             (row for rows in gg.kernels for row in rows),
-            per_layer=settings().per_layer_metrics,
+            per_layer=cfg.per_layer_metrics,
             # Counters are summed over API servers in multiprocess mode: count them once.
             count_fallbacks=vllm_adapter.api_server_index(engine_client) == 0,
         )
+        gg.selfcheck = Outcome(
+            policy=cfg.selfcheck_policy,
+            ranks=list(await engine_client.collective_rpc("gemmguard_selfcheck")),
+            previous=read_report(cfg.selfcheck_previous) if cfg.selfcheck_previous else None,
+            denied_by_selfcheck=list(cfg.selfcheck_denied),
+        )
+        metrics.publish_selfcheck(gg.selfcheck, per_layer=cfg.per_layer_metrics)
+        report = summary(gg.selfcheck)
+        if gg.selfcheck.previous:
+            logger.warning("gemmguard: restarted after a failed self-check with %s denied "
+                           "(reason 'selfcheck').", ", ".join(cfg.selfcheck_denied))
+        if gg.selfcheck.action in ("fallback", "fail"):
+            write_report(cfg.selfcheck_report_file, gg.selfcheck)
+            logger.error("%s", report)
+            raise SelfcheckFailed(report)
+        (logger.info if gg.selfcheck.passed else logger.warning)("%s", report)
         gg.initialized = True
         logger.info("gemmguard: %d rank(s) reported; routes under /gemmguard/", len(gg.ranks))

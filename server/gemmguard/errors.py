@@ -3,7 +3,8 @@
     GemmguardError
     ├── UsageError          bad option or input from the user
     ├── ConfigError         a GEMMGUARD_* variable has a bad value
-    └── ServeError          the server cannot start (model path, port, engine)
+    ├── ServeError          the server cannot start (model path, port, engine)
+    └── SelfcheckFailed     a kernel failed the start-up self-check and the policy refuses it
 """
 
 from __future__ import annotations
@@ -23,3 +24,7 @@ class ConfigError(GemmguardError):
 
 class ServeError(GemmguardError):
     """`gemmguard serve` cannot start the server."""
+
+
+class SelfcheckFailed(GemmguardError):
+    """A layer's kernel failed the start-up self-check and the policy does not serve it."""

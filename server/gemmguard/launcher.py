@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.error
@@ -22,10 +23,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from gemmguard import vllm_adapter
-from gemmguard.config import PREFIX, settings
+from gemmguard.config import POLICIES, PREFIX, settings
 from gemmguard.demo.store import DEMO_SERVED_NAME, demo_model_path, ensure_demo_model
 from gemmguard.endpoints import PLUGIN_NAME
 from gemmguard.errors import ServeError, UsageError
+from gemmguard.selfcheck.policy import read_report
 from gemmguard.worker import EXTENSION_CLS
 
 GENERAL_PLUGIN = "gemmguard"
@@ -78,6 +80,14 @@ def add_serve_options(parser: argparse.ArgumentParser) -> None:
         metavar="NAME",
         help="Remove the kernel class NAME from every vLLM candidate list (repeatable). "
         "Default: none.",
+    )
+    parser.add_argument(
+        "--selfcheck-policy",
+        choices=POLICIES,
+        default=None,
+        help="What a failing start-up self-check does: warn (serve and alert), fallback "
+        "(restart once without the failing kernels), fail (exit with a report). "
+        "Default: fallback.",
     )
     parser.add_argument(
         "--no-per-layer-metrics",
@@ -180,6 +190,8 @@ def plan_serve(argv: list[str], environ: dict[str, str] | None = None) -> ServeP
     env = engine_env(env, opts.deny_kernel)
     if opts.no_per_layer_metrics:
         env[PREFIX + "PER_LAYER_METRICS"] = "0"
+    if opts.selfcheck_policy:
+        env[PREFIX + "SELFCHECK_POLICY"] = opts.selfcheck_policy
     demo_scheme = opts.demo_scheme if is_demo else None
     return ServePlan(model, vllm_args, env, host, port, served_name, demo_scheme, notes)
 
@@ -240,11 +252,8 @@ def _announce_when_ready(plan: ServePlan, child: subprocess.Popen[bytes]) -> Non
     )
 
 
-def run(plan: ServePlan) -> int:
-    """Run the server process until it exits; forward SIGINT/SIGTERM to it."""
-    for note in plan.notes:
-        print(f"gemmguard: {note}", flush=True)
-    child = subprocess.Popen(plan.command(), env=plan.env)
+def _run_once(plan: ServePlan, env: dict[str, str]) -> int:
+    child = subprocess.Popen(plan.command(), env=env)
 
     def forward(signum: int, _frame: object) -> None:
         if child.poll() is None:
@@ -254,6 +263,34 @@ def run(plan: ServePlan) -> int:
     signal.signal(signal.SIGINT, forward)
     threading.Thread(target=_announce_when_ready, args=(plan, child), daemon=True).start()
     return child.wait()
+
+
+# Exit code when the self-check refuses to serve (policy fail, or fallback that did not help).
+EXIT_SELFCHECK_FAILED = 3
+
+
+def run(plan: ServePlan) -> int:
+    """Run the server; restart it once without failing kernels when the self-check asks."""
+    for note in plan.notes:
+        print(f"gemmguard: {note}", flush=True)
+    with tempfile.TemporaryDirectory(prefix="gemmguard-") as tmp:
+        first, second = Path(tmp) / "selfcheck-1.json", Path(tmp) / "selfcheck-2.json"
+        env = {**plan.env, PREFIX + "SELFCHECK_REPORT_FILE": str(first)}
+        code = _run_once(plan, env)
+        report = read_report(str(first))
+        if code != 0 and report and report["action"] == "fallback":
+            denied = [*settings(env).selfcheck_denied, *report["offending_kernels"]]
+            print(f"gemmguard: self-check failed; restarting once with {', '.join(denied)} "
+                  "denied (reason 'selfcheck').\n" + report["summary"], flush=True)
+            env = {**env, PREFIX + "SELFCHECK_DENIED": ",".join(denied),
+                   PREFIX + "SELFCHECK_PREVIOUS": str(first),
+                   PREFIX + "SELFCHECK_REPORT_FILE": str(second)}
+            code = _run_once(plan, env)
+            report = read_report(str(second))
+        if code != 0 and report and report["action"] == "fail":
+            print(report["summary"], file=sys.stderr, flush=True)
+            return EXIT_SELFCHECK_FAILED
+    return code
 
 
 def serve(argv: list[str]) -> int:

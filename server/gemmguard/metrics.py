@@ -60,6 +60,40 @@ class Metrics:
             registry=registry,
         )
 
+        self.selfcheck_passed = gauge(
+            "gemmguard_selfcheck_passed",
+            "1 when every layer passed the start-up self-check, else 0.",
+        )
+        self.selfcheck_layers = gauge(
+            "gemmguard_selfcheck_layers",
+            "Layers per self-check result (pass, degraded, broken).",
+            ("result",),
+        )
+        self.selfcheck_duration = gauge(
+            "gemmguard_selfcheck_duration_seconds",
+            "Seconds the start-up self-check took on the slowest rank.",
+        )
+        self.selfcheck_excess_bits = gauge(
+            "gemmguard_selfcheck_excess_bits",
+            "Bits a layer's kernel loses against what its quantization scheme allows.",
+            ("layer", "kernel"),
+        )
+
+    def publish_selfcheck(self, outcome: Any, *, per_layer: bool = True) -> None:
+        """Export a self-check outcome (selfcheck.policy.Outcome)."""
+        self.selfcheck_passed.set(1 if outcome.passed else 0)
+        for result, count in outcome.counts().items():
+            self.selfcheck_layers.labels(result).set(count)
+        self.selfcheck_duration.set(outcome.seconds())
+        self.selfcheck_excess_bits.clear()
+        if per_layer:
+            for layer in outcome.layers:
+                excess = layer["excess_bits"]
+                value = float(excess) if not isinstance(excess, str) else float("inf")
+                self.selfcheck_excess_bits.labels(
+                    bounded_label(layer["layer"]), bounded_label(layer["kernel"])
+                ).set(value)
+
     def publish_build(self, info: Mapping[str, Any]) -> None:
         """Set gemmguard_build_info from one process's build info."""
         self.build_info.clear()

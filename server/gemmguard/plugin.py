@@ -9,7 +9,8 @@ import logging
 
 from gemmguard import ledger
 
-logger = logging.getLogger("gemmguard")
+# A child of vLLM's logger, so gemmguard's lines use vLLM's handler and format.
+logger = logging.getLogger("vllm.gemmguard")
 
 _REGISTERED = False
 
@@ -25,20 +26,27 @@ PORTABLE_KERNELS_PATCH = ledger.Patch(
 )
 
 
-def add_portable_kernels() -> None:
-    """Append the portable FP8 block kernels as the last candidate on every platform."""
+def add_portable_kernels(test_kernels: tuple[str, ...] = ()) -> None:
+    """Append the portable FP8 block kernels as the last candidate on every platform.
+
+    `test_kernels` (GEMMGUARD_TEST_KERNELS) puts faulty kernels first, for proving the
+    self-check; they exist only when asked for.
+    """
     from gemmguard import vllm_adapter
+    from gemmguard.kernels.faulty import build_faulty_kernels
     from gemmguard.kernels.portable_fp8_block import PORTABLE_KERNEL_NAMES, build_kernels
 
     lists = vllm_adapter.candidate_lists("fp8_block")
     if any(k.__name__ in PORTABLE_KERNEL_NAMES for kernels in lists.values() for k in kernels):
         return
     kernels = build_kernels()
-    for platform_kernels in lists.values():
-        platform_kernels.extend(kernels)
+    faulty = build_faulty_kernels(kernels[0], test_kernels)
     platform_enum = type(next(iter(lists)))
     for platform in platform_enum:  # platforms vLLM lists none for (e.g. OOT) get them too
-        lists.setdefault(platform, list(kernels))
+        lists.setdefault(platform, [])
+    for platform_kernels in lists.values():
+        platform_kernels[:0] = faulty
+        platform_kernels.extend(kernels)
     ledger.record(PORTABLE_KERNELS_PATCH)
 
 
@@ -50,7 +58,10 @@ def register() -> None:
     _REGISTERED = True
     from gemmguard.config import settings
     from gemmguard.inventory import selection
+    from gemmguard.selfcheck import sample
 
-    add_portable_kernels()
-    selection.install(settings().deny_kernels)
+    cfg = settings()
+    add_portable_kernels(cfg.test_kernels)
+    selection.install(cfg.deny_kernels, cfg.selfcheck_denied)
+    sample.install()
     logger.debug("gemmguard general plugin loaded")

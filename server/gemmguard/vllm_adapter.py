@@ -194,3 +194,8 @@ def attention_class() -> type | None:
 def api_server_index(engine_client: Any) -> int:
     """Index of this API server among several (0 when there is one)."""
     return int(getattr(getattr(engine_client, "engine_core", None), "client_index", 0) or 0)
+
+
+def loader_module() -> Any:
+    """The module whose `load_model` calls `process_weights_after_loading` by its global name."""
+    return importlib.import_module("vllm.model_executor.model_loader.base_loader")

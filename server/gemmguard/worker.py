@@ -34,3 +34,18 @@ class GemmguardWorkerExtension:
         for row in rows:
             row["rank"] = rank
         return rows
+
+    def gemmguard_selfcheck(self, seed: int = 0) -> dict[str, Any]:
+        """Run this rank's self-check on the samples taken at load."""
+        from gemmguard.selfcheck.measure import check_model
+        from gemmguard.selfcheck.sample import model_weight_bytes, samples
+
+        taken = samples()
+        results, seconds = check_model(self.get_model(), taken, seed)  # type: ignore[attr-defined]
+        return {
+            "rank": int(getattr(self, "rank", 0)),
+            "seconds": seconds,
+            "sample_bytes": sum(s.nbytes() for s in taken.values()),
+            "model_bytes": model_weight_bytes(),
+            "layers": [r.as_dict() for r in results],
+        }

@@ -74,6 +74,18 @@ class ServerClient:
         api_server = body.get("api_server") if isinstance(body, dict) else None
         return api_server if isinstance(api_server, dict) else None
 
+    def kernels(self) -> dict[str, list[str]] | None:
+        """Scheme -> the kernels its layers run, from gemmguard's kernel route; None elsewhere."""
+        try:
+            body = self.get("/gemmguard/v1/kernels")
+            rows = [row for rank in body["ranks"] for row in rank["layers"]]
+            found: dict[str, set[str]] = {}
+            for row in rows:
+                found.setdefault(str(row["scheme"]), set()).add(str(row["kernel"]))
+        except (UsageError, KeyError, TypeError):
+            return None
+        return {scheme: sorted(names) for scheme, names in sorted(found.items())}
+
     def pick_model(self, wanted: str | None, expected: str | None = None) -> str:
         """The served model name to send: `wanted`, else `expected` if served, else the only one."""
         models = self.served_models()

@@ -58,6 +58,18 @@ def _describe_build(build: dict[str, Any] | None) -> str:
     )
 
 
+def platform_note(hardware: str, build: dict[str, Any] | None) -> str | None:
+    """A warning when the server's reported platform is not the config's hardware target."""
+    expected = _PLATFORM_OF_TARGET[hardware.split("-")[0]]
+    reported = (build or {}).get("platform")
+    if reported is None or reported == expected:
+        return None
+    return (
+        f"the config is for {hardware}, but the server reports platform '{reported}'; "
+        "the expected figures may not apply."
+    )
+
+
 def _eval(args: argparse.Namespace) -> int:
     from gemmguard.evaluation.client import ServerClient
     from gemmguard.evaluation.config import load_config
@@ -71,13 +83,8 @@ def _eval(args: argparse.Namespace) -> int:
     client = ServerClient(args.base_url, timeout_s=args.timeout)
     model = client.pick_model(args.model, expected=None if args.model else config.model_name)
     build = client.build()
-    notes = []
-    expected_platform = _PLATFORM_OF_TARGET[config.hardware.split("-")[0]]
-    if build and build.get("platform") not in (None, expected_platform):
-        notes.append(
-            f"the config is for {config.hardware}, but the server reports platform "
-            f"'{build.get('platform')}'; the expected figures may not apply."
-        )
+    note = platform_note(config.hardware, build)
+    notes = [] if note is None else [note]
     limit = args.limit if args.limit is not None else config.limit
     tasks_dir = Path(args.tasks_dir) if args.tasks_dir else default_tasks_dir(config.path)
     started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")

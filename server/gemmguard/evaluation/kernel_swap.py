@@ -91,6 +91,16 @@ class Side:
     base_url: str
     model: str
     build: dict[str, Any] | None
+    kernels: dict[str, list[str]] | None = None
+
+    def describe(self) -> str:
+        """URL, model and, where the server reports them, the kernels of quantized layers."""
+        text = f"{self.base_url}  model '{self.model}'"
+        quantized = {s: k for s, k in (self.kernels or {}).items()
+                     if not s.startswith(("unquantized", "kv-"))}
+        if quantized:
+            text += "  " + "; ".join(f"{s}: {', '.join(k)}" for s, k in quantized.items())
+        return text
 
 
 @dataclass(frozen=True)
@@ -162,8 +172,8 @@ class KernelSwapReport:
         s = self.summary
         lines = [
             "gemmguard eval-kernels: greedy generations, candidate vs reference",
-            f"  candidate  {self.candidate.base_url}  model '{self.candidate.model}'",
-            f"  reference  {self.reference.base_url}  model '{self.reference.model}'",
+            f"  candidate  {self.candidate.describe()}",
+            f"  reference  {self.reference.describe()}",
             f"  {s.prompts} prompts x {self.max_tokens} tokens, top {self.top_logprobs} logprobs",
             "",
             f"  token agreement      {s.agreement:.4f}  ({s.matched} of {s.positions} positions)",
@@ -209,8 +219,8 @@ def run_kernel_swap(
         ref = generate(reference, reference_model, prompt, max_tokens, top_logprobs)
         comparisons.append(compare(cand, ref))
     return KernelSwapReport(
-        candidate=Side(candidate.base_url, candidate_model, candidate.build()),
-        reference=Side(reference.base_url, reference_model, reference.build()),
+        candidate=Side(candidate.base_url, candidate_model, candidate.build(), candidate.kernels()),
+        reference=Side(reference.base_url, reference_model, reference.build(), reference.kernels()),
         prompts=tuple(prompts),
         max_tokens=max_tokens,
         top_logprobs=top_logprobs,

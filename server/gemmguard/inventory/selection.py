@@ -16,6 +16,7 @@ from typing import Any
 from gemmguard import ledger, vllm_adapter
 
 DENIED = "denied"
+SELFCHECK = "selfcheck"
 
 
 @dataclass
@@ -46,7 +47,8 @@ _BY_CONFIG: dict[int, Selection] = {}
 # Layer object id → selection of the CPU unquantized GEMM dispatch.
 _BY_LAYER: dict[int, Selection] = {}
 _ACTIVE: list[Selection] = []
-_DENY: frozenset[str] = frozenset()
+# Denied class name → the reason recorded for it ("denied", or "selfcheck" after a fallback).
+_DENY: dict[str, str] = {}
 _INSTALLED = False
 
 SELECTION_PATCH = ledger.Patch(
@@ -71,14 +73,10 @@ def selection_for_layer(layer: object) -> Selection | None:
     return _BY_LAYER.get(id(layer))
 
 
-def denied() -> frozenset[str]:
-    return _DENY
-
-
-def install(deny: tuple[str, ...] = ()) -> None:
+def install(deny: tuple[str, ...] = (), selfcheck_denied: tuple[str, ...] = ()) -> None:
     """Wrap vLLM's choosers once per process; later calls only update the deny list."""
     global _INSTALLED, _DENY
-    _DENY = frozenset(deny)
+    _DENY = {**dict.fromkeys(deny, DENIED), **dict.fromkeys(selfcheck_denied, SELFCHECK)}
     if _INSTALLED:
         return
     _INSTALLED = True
@@ -99,7 +97,7 @@ def _wrap_check(original: Any) -> Any:
     @functools.wraps(original)
     def check(kernel: type, config: Any, compute_capability: int | None) -> tuple[bool, str]:
         if kernel.__name__ in _DENY:
-            ok, reason = False, DENIED
+            ok, reason = False, _DENY[kernel.__name__]
         else:
             ok, reason = original(kernel, config, compute_capability)
         if _ACTIVE:

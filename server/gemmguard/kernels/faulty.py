@@ -1,0 +1,93 @@
+"""Faulty FP8 block kernels for proving the self-check: each mimics a real failure.
+
+Registered only when GEMMGUARD_TEST_KERNELS names them, at the front of the FP8 block
+candidate lists so vLLM picks them first; never in a normal start.
+
+- `E8M0RequantFp8BlockKernel`: re-quantizes weights to power-of-two (E8M0) block scales at
+  load and activations with power-of-two group scales, as DeepGEMM's UE8M0 path does.
+- `GarbageFp8BlockKernel`: returns noise of the right shape and magnitude.
+- `CorruptBlockFp8BlockKernel`: correct, except one 128-row block of outputs is wrong (the
+  signature of a stream race between a weight conversion and its consumer).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from gemmguard import numerics
+
+FAULTY_KERNELS = {
+    "e8m0": "E8M0RequantFp8BlockKernel",
+    "garbage": "GarbageFp8BlockKernel",
+    "corrupt-block": "CorruptBlockFp8BlockKernel",
+}
+
+
+def _pow2(scale: torch.Tensor) -> torch.Tensor:
+    return torch.exp2(torch.ceil(torch.log2(scale.clamp(min=1e-30))))
+
+
+def e8m0_requantize(weight: torch.Tensor, scale: torch.Tensor,
+                    block: tuple[int, int]) -> torch.Tensor:
+    """fp32 weight after DeepGEMM-style re-quantization to power-of-two block scales."""
+    dequantized = numerics.dequantize_fp8_block(weight, scale, block)
+    pow2 = _pow2(scale.float())
+    expanded = numerics.expand_block_scales(pow2, block, tuple(weight.shape))  # type: ignore[arg-type]
+    q = (dequantized / expanded).clamp(-numerics.FP8_MAX, numerics.FP8_MAX)
+    return q.to(numerics.FP8_DTYPE).float() * expanded
+
+
+def e8m0_activations(x: torch.Tensor, group: int) -> torch.Tensor:
+    """Activations through 1×group fp8 quantization with power-of-two scales."""
+    tokens, k = x.shape
+    xf = x.float().reshape(tokens, -1, group)
+    scale = _pow2(xf.abs().amax(dim=-1).clamp(min=1e-12) / numerics.FP8_MAX)
+    q = (xf / scale[..., None]).clamp(-numerics.FP8_MAX, numerics.FP8_MAX)
+    return (q.to(numerics.FP8_DTYPE).float() * scale[..., None]).reshape(tokens, k)
+
+
+def build_faulty_kernels(honest: Any, names: tuple[str, ...]) -> list[type]:
+    """Faulty kernels (by short name: e8m0, garbage, corrupt-block) on the portable base."""
+
+    def block_of(kernel: Any) -> tuple[int, int]:
+        group = kernel.config.weight_quant_key.scale.group_shape
+        return int(group.row), int(group.col)
+
+    class E8M0RequantFp8BlockKernel(honest):  # type: ignore[misc, valid-type]
+        """Power-of-two block scales for weights and activations (DeepGEMM UE8M0)."""
+
+        def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+            params = self._get_layer_params(layer)
+            weight = e8m0_requantize(params.weight.data, params.block_scale.data,
+                                     block_of(self))
+            layer.weight = torch.nn.Parameter(weight, requires_grad=False)
+
+        def apply_block_scaled_mm(self, A: torch.Tensor, B: torch.Tensor,
+                                  As: torch.Tensor, Bs: torch.Tensor) -> torch.Tensor:
+            return e8m0_activations(A, block_of(self)[1]) @ B.t()
+
+    class GarbageFp8BlockKernel(honest):  # type: ignore[misc, valid-type]
+        """Noise with the output's shape and scale."""
+
+        def apply_block_scaled_mm(self, A: torch.Tensor, B: torch.Tensor,
+                                  As: torch.Tensor, Bs: torch.Tensor) -> torch.Tensor:
+            out = torch.nn.functional.linear(A, B)
+            gen = torch.Generator().manual_seed(1234)
+            noise = torch.randn(out.shape, generator=gen, dtype=torch.float32)
+            return (noise * out.float().std()).to(out.dtype)
+
+    class CorruptBlockFp8BlockKernel(honest):  # type: ignore[misc, valid-type]
+        """Right everywhere but one 128-row block of outputs, which holds stale values."""
+
+        def apply_block_scaled_mm(self, A: torch.Tensor, B: torch.Tensor,
+                                  As: torch.Tensor, Bs: torch.Tensor) -> torch.Tensor:
+            out = torch.nn.functional.linear(A, B)
+            block = min(1, out.shape[-1] // 128 - 1) * 128
+            out[..., block:block + 128] = out[..., block:block + 128].flip(-1)
+            return out
+
+    by_short = {"e8m0": E8M0RequantFp8BlockKernel, "garbage": GarbageFp8BlockKernel,
+                "corrupt-block": CorruptBlockFp8BlockKernel}
+    return [by_short[name] for name in names]

@@ -1,0 +1,1 @@
+"""Start-up self-check: each layer's chosen kernel against a reference GEMM from the checkpoint."""
