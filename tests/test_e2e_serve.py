@@ -126,3 +126,14 @@ def test_prompt_longer_than_context_is_400_then_still_serves(client: openai.Open
         client.completions.create(model=MODEL, prompt="x" * 3000, max_tokens=4)
     assert "context" in str(err.value).lower()
     _assert_still_serves(client)
+
+
+def test_selfcheck_passes_and_gates_readiness(server: Server) -> None:
+    assert server.get("/gemmguard/ready").json() == {"ready": True, "selfcheck_passed": True}
+    report = server.get("/gemmguard/v1/selfcheck").json()
+    assert report["passed"] is True and report["counts"]["broken"] == 0
+    assert report["counts"]["pass"] == len(report["ranks"][0]["layers"]) > 0
+    assert 0 < report["sample_fraction"] < 0.01
+    families = {f.name: f for f in text_string_to_metric_families(server.get("/metrics").text)}
+    assert families["gemmguard_selfcheck_passed"].samples[0].value == 1
+    assert families["gemmguard_selfcheck_duration_seconds"].samples[0].value > 0
