@@ -90,10 +90,32 @@ class Settings:
     def selfcheck_previous(self) -> str:
         return self.get("SELFCHECK_PREVIOUS", str, "")
 
+    # Seconds without a finished request before a canary generation is sent (0: no canary).
+    @property
+    def canary_interval(self) -> float:
+        return self.get("CANARY_INTERVAL", _seconds, 30.0)
+
+    # Seconds a canary may take before the engine counts as not live.
+    @property
+    def canary_deadline(self) -> float:
+        return self.get("CANARY_DEADLINE", _seconds, 10.0)
+
+    # The canary's prompt (one greedy token is generated from it).
+    @property
+    def canary_prompt(self) -> str:
+        return self.get("CANARY_PROMPT", str, "Hi")
+
     # Faulty test kernels put first in the FP8 block candidates (e8m0, garbage, corrupt-block).
     @property
     def test_kernels(self) -> tuple[str, ...]:
         return self.get("TEST_KERNELS", _test_kernels, ())
+
+
+def _seconds(value: str) -> float:
+    seconds = float(value)
+    if seconds < 0:
+        raise ValueError("expected a number of seconds ≥ 0")
+    return seconds
 
 
 POLICIES = ("warn", "fallback", "fail")

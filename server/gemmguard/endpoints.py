@@ -18,6 +18,7 @@ from fastapi.responses import JSONResponse
 import gemmguard
 from gemmguard import vllm_adapter
 from gemmguard.build import build_info
+from gemmguard.canary import CanaryConfig, Liveness, LivenessMiddleware
 from gemmguard.config import settings
 from gemmguard.errors import SelfcheckFailed
 from gemmguard.metrics import process_metrics
@@ -40,11 +41,17 @@ class GemmguardState:
     ranks: list[dict[str, Any]] = field(default_factory=list)
     kernels: list[list[dict[str, Any]]] = field(default_factory=list)
     selfcheck: Outcome | None = None
+    liveness: Liveness | None = None
     initialized: bool = False
 
 
 def _state(request: Request) -> GemmguardState | None:
     return getattr(request.app.state, "gemmguard", None)
+
+
+def _liveness(app: FastAPI) -> Liveness | None:
+    state = getattr(app.state, "gemmguard", None)
+    return state.liveness if state is not None else None
 
 
 def _not_ready(reason: str) -> JSONResponse:
@@ -82,14 +89,28 @@ async def get_selfcheck(request: Request) -> JSONResponse:
     return JSONResponse(state.selfcheck.as_dict())
 
 
+@router.get("/live")
+async def get_live(request: Request) -> JSONResponse:
+    """200 while the engine produces tokens (canary or real requests); 503 with the reason."""
+    state = _state(request)
+    if state is None or state.liveness is None:
+        return JSONResponse({"live": False, "reason": "gemmguard has not started"}, 503)
+    liveness = state.liveness
+    body = {"live": liveness.live, "reason": liveness.reason(),
+            "canaries_sent": liveness.canaries_sent}
+    return JSONResponse(body, status_code=200 if liveness.live else 503)
+
+
 @router.get("/ready")
 async def get_ready(request: Request) -> JSONResponse:
-    """200 once the start-up self-check has passed (or warned); 503 with the reason otherwise."""
+    """200 once the start-up self-check has passed (or warned) and the engine is live."""
     state = _state(request)
     if state is None or not state.initialized or state.selfcheck is None:
         return _not_ready("gemmguard start-up checks have not finished")
     if not state.selfcheck.serves:
         return _not_ready(state.selfcheck.as_dict()["summary"])
+    if state.liveness is not None and not state.liveness.live:
+        return _not_ready(f"engine not live: {state.liveness.reason()}")
     body: dict[str, Any] = {"ready": True, "selfcheck_passed": state.selfcheck.passed}
     return JSONResponse(body)
 
@@ -103,6 +124,8 @@ class GemmguardEndpoints:
 
     def attach_router(self, app: FastAPI) -> None:
         app.include_router(router)
+        # Finished real requests renew liveness, so no canary is sent under load.
+        app.add_middleware(LivenessMiddleware, liveness_of=lambda: _liveness(app))
 
     async def init_state(self, engine_client: Any, state: Any, args: Namespace) -> None:
         gg = GemmguardState(engine_client=engine_client)
@@ -137,5 +160,10 @@ class GemmguardEndpoints:
             logger.error("%s", report)
             raise SelfcheckFailed(report)
         (logger.info if gg.selfcheck.passed else logger.warning)("%s", report)
+        gg.liveness = Liveness(engine_client, CanaryConfig(
+            enabled=cfg.canary_interval > 0, interval=cfg.canary_interval,
+            deadline=cfg.canary_deadline, prompt=cfg.canary_prompt), metrics)
+        metrics.engine_live.set(1)
+        gg.liveness.start()
         gg.initialized = True
         logger.info("gemmguard: %d rank(s) reported; routes under /gemmguard/", len(gg.ranks))

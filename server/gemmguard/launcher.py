@@ -90,6 +90,22 @@ def add_serve_options(parser: argparse.ArgumentParser) -> None:
         "Default: fallback.",
     )
     parser.add_argument(
+        "--canary-interval", type=float, default=None, metavar="SECONDS",
+        help="Seconds without a finished request before a 1-token canary is sent. Default: 30.",
+    )
+    parser.add_argument(
+        "--canary-deadline", type=float, default=None, metavar="SECONDS",
+        help="Seconds a canary may take before the engine counts as not live. Default: 10.",
+    )
+    parser.add_argument(
+        "--canary-prompt", default=None, metavar="TEXT",
+        help="Prompt of the canary generation. Default: 'Hi'.",
+    )
+    parser.add_argument(
+        "--no-canary", action="store_true",
+        help="Send no canary; /gemmguard/live then follows real requests only. Default: on.",
+    )
+    parser.add_argument(
         "--no-per-layer-metrics",
         action="store_true",
         help="Export only per-kernel aggregates, not one series per layer. Default: per layer.",
@@ -192,6 +208,11 @@ def plan_serve(argv: list[str], environ: dict[str, str] | None = None) -> ServeP
         env[PREFIX + "PER_LAYER_METRICS"] = "0"
     if opts.selfcheck_policy:
         env[PREFIX + "SELFCHECK_POLICY"] = opts.selfcheck_policy
+    for option in ("canary_interval", "canary_deadline", "canary_prompt"):
+        if getattr(opts, option) is not None:
+            env[PREFIX + option.upper()] = str(getattr(opts, option))
+    if opts.no_canary:
+        env[PREFIX + "CANARY_INTERVAL"] = "0"
     demo_scheme = opts.demo_scheme if is_demo else None
     return ServePlan(model, vllm_args, env, host, port, served_name, demo_scheme, notes)
 

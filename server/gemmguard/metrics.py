@@ -13,7 +13,7 @@ from collections import Counter as Tally
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 
 BUILD_LABELS = ("version", "vllm_version", "torch_version", "platform", "device")
 LAYER_LABELS = ("layer", "layer_type", "scheme", "kernel", "rank")
@@ -77,6 +77,23 @@ class Metrics:
             "gemmguard_selfcheck_excess_bits",
             "Bits a layer's kernel loses against what its quantization scheme allows.",
             ("layer", "kernel"),
+        )
+
+        self.engine_live = gauge(
+            "gemmguard_engine_live",
+            "1 while the last canary or real request finished within its deadline, else 0.",
+        )
+        self.canary_latency = Histogram(
+            "gemmguard_canary_latency_seconds",
+            "Latency of the 1-token canary generation sent when the server is idle.",
+            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+            registry=registry,
+        )
+        self.canary_failures = Counter(
+            "gemmguard_canary_failures_total",
+            "Canary generations that failed, by reason (timeout, engine_dead, error).",
+            ("reason",),
+            registry=registry,
         )
 
     def publish_selfcheck(self, outcome: Any, *, per_layer: bool = True) -> None:

@@ -19,6 +19,8 @@ def start_engine(model: str, vllm_argv: list[str], deny_kernels: list[str]) -> A
     _check_model(model)
     # Engine processes inherit this environment: plugins and settings must be set first.
     os.environ.update(engine_env(dict(os.environ), deny_kernels))
+    # vLLM logs to stdout by default; keep stdout for the table or JSON this command prints.
+    os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
     from vllm.engine.arg_utils import EngineArgs
     from vllm.v1.engine.llm_engine import LLMEngine
 

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from gemmguard import numerics
+from gemmguard.kernels.portable_fp8_block import block_scale
 
 FAULTY_KERNELS = {
     "e8m0": "E8M0RequantFp8BlockKernel",
@@ -60,7 +61,7 @@ def build_faulty_kernels(honest: Any, names: tuple[str, ...]) -> list[type]:
 
         def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
             params = self._get_layer_params(layer)
-            weight = e8m0_requantize(params.weight.data, params.block_scale.data,
+            weight = e8m0_requantize(params.weight.data, block_scale(params)[1].data,
                                      block_of(self))
             layer.weight = torch.nn.Parameter(weight, requires_grad=False)
 

@@ -27,6 +27,14 @@ def _block_shape(config: Any) -> tuple[int, int]:
     return int(group.row), int(group.col)
 
 
+def block_scale(params: Any) -> tuple[str, torch.Tensor]:
+    """(attribute name, tensor) of the block scale: `weight_scale_inv` (Fp8LinearMethod) or
+    `weight_scale` (compressed-tensors). vLLM 0.32+ has a property for this; 0.26 does not."""
+    if getattr(params, "weight_scale_inv", None) is not None:
+        return "weight_scale_inv", params.weight_scale_inv
+    return "weight_scale", params.weight_scale
+
+
 def _replace_parameter(layer: torch.nn.Module, name: str, value: torch.Tensor) -> None:
     # A plain Parameter: vLLM's weight-loader metadata is not needed after load.
     delattr(layer, name)
@@ -61,7 +69,7 @@ def build_kernels() -> tuple[type, type]:
         def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
             params = self._get_layer_params(layer)
             weight = numerics.dequantize_fp8_block(
-                params.weight.data, params.block_scale.data, _block_shape(self.config)
+                params.weight.data, block_scale(params)[1].data, _block_shape(self.config)
             )
             _replace_parameter(layer, params.WEIGHT, weight.to(self.config.out_dtype))
 
@@ -85,7 +93,8 @@ def build_kernels() -> tuple[type, type]:
 
         def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
             params = self._get_layer_params(layer)
-            _replace_parameter(layer, params.block_scale_attr, params.block_scale.data.float())
+            name, scale = block_scale(params)
+            _replace_parameter(layer, name, scale.data.float())
 
         def apply_block_scaled_mm(self, A: torch.Tensor, B: torch.Tensor,
                                   As: torch.Tensor, Bs: torch.Tensor) -> torch.Tensor:

@@ -88,6 +88,13 @@ def _block_sums(y: torch.Tensor, ref: torch.Tensor, rows: torch.Tensor) -> torch
     return sums
 
 
+def _device(module: Any) -> torch.device:
+    """Where the layer computes: its parameters' device (the host for parameter-less fakes)."""
+    parameters = getattr(module, "parameters", None)
+    first = next(iter(parameters()), None) if callable(parameters) else None
+    return first.device if first is not None else torch.device("cpu")
+
+
 @torch.inference_mode()
 def check_layer(module: Any, sample: LayerSample, seed: int = 0) -> LayerResult:
     """Run the layer's own `apply` (the kernel vLLM chose) and measure it."""
@@ -100,11 +107,12 @@ def check_layer(module: Any, sample: LayerSample, seed: int = 0) -> LayerResult:
 
         kernel_name = _linear_row(sample.layer, module, "linear")["kernel"]
     k = sample.weight.shape[1]
+    device = _device(module)
     worst: tuple[float, float, float, int] | None = None
     block_sums = None
     for tokens in TOKEN_COUNTS:
         x = activations(tokens, k, sample.out_dtype, seed)
-        y = method.apply(module, x).float()[:, sample.rows]
+        y = method.apply(module, x.to(device)).float().cpu()[:, sample.rows]
         exact = reference.exact(sample, x)
         bits = to_bits(relative_error(y, exact))
         expected = to_bits(relative_error(reference.ideal(sample, x), exact))

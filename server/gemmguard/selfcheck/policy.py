@@ -34,9 +34,18 @@ class Outcome:
         return not any(layer["verdict"] in FAILING for layer in self.layers)
 
     def offending_kernels(self) -> list[str]:
-        """Kernel classes of failing layers, the names --deny-kernel takes."""
-        names = [layer["kernel"].split("[")[0] for layer in self.layers
-                 if layer["verdict"] in FAILING]
+        """Kernel classes of failing layers, the names --deny-kernel takes.
+
+        A kernel that picks a sub-kernel per call ("A[B|C]") is reported with its parts; all
+        three are offending, or vLLM would pick the failing part again on its own.
+        """
+        names: list[str] = []
+        for layer in self.layers:
+            if layer["verdict"] in FAILING:
+                kernel = layer["kernel"]
+                names.append(kernel.split("[")[0])
+                if "[" in kernel:
+                    names.extend(kernel[kernel.index("[") + 1:].rstrip("]").split("|"))
         return list(dict.fromkeys(names))
 
     @property

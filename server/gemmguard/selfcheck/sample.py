@@ -95,7 +95,7 @@ def _row_scales(module: Any, scheme: str, rows: torch.Tensor, block: tuple[int, 
         scale = getattr(module, "weight_scale", None)
     if scale is None:
         return None
-    scale = scale.detach().float()
+    scale = scale.detach().float().cpu()
     if block is not None:
         return scale[rows // block[0]].clone()
     if scale.numel() == n_rows:
@@ -131,7 +131,8 @@ def capture(name: str, module: Any) -> LayerSample | None:
         layer=name,
         scheme=scheme,
         rows=rows,
-        weight=weight.detach()[rows].clone(),
+        # Kept on the host: references are computed there, and device memory stays untouched.
+        weight=weight.detach()[rows.to(weight.device)].cpu(),
         scale=None if scheme.startswith("unquantized") else _row_scales(
             module, scheme, rows, block, n_rows),
         block=block,
