@@ -38,6 +38,10 @@ step "inventory offline, VLLM_USE_DEEP_GEMM=0 (CUTLASS path)"
 VLLM_USE_DEEP_GEMM=0 timeout 200 $py -m gemmguard.cli kernels $model --json "${engine[@]}" \
   > "$out/kernels-no-deepgemm.json" 2> "$out/kernels-no-deepgemm.log"; echo "rc=$?" >> "$out/steps.log"
 
+step "self-check offline, VLLM_USE_DEEP_GEMM=0 (CUTLASS path)"
+VLLM_USE_DEEP_GEMM=0 timeout 200 $py -m gemmguard.cli selfcheck $model --json "${engine[@]}" \
+  > "$out/selfcheck-no-deepgemm.json" 2> "$out/selfcheck-no-deepgemm.log"; echo "rc=$?" >> "$out/steps.log"
+
 step "gemmguard serve, default policy (fallback)"
 $py -m gemmguard.cli serve $model --port 8000 "${engine[@]}" > "$out/serve.log" 2>&1 &
 server=$!
@@ -54,5 +58,7 @@ curl -s localhost:8000/v1/chat/completions -H 'Content-Type: application/json' \
   -d '{"model": "'$model'", "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 8}' \
   > "$out/serve-chat.json"
 curl -s localhost:8000/metrics | grep '^gemmguard_' > "$out/serve-metrics.txt"
-kill $server; wait $server
+kill $server 2>/dev/null; wait $server
 step done
+# The device returns a limited number of files: pack them into one.
+tar czf /tmp/gpu-proof.tgz -C "$out" . && rm -rf "${out:?}"/* && mv /tmp/gpu-proof.tgz "$out/"

@@ -37,3 +37,11 @@ def test_torchvision_is_not_installed_beside_the_cpu_torch() -> None:
     # PyPI's torchvision fails to load beside torch 2.13.0+cpu and breaks `import vllm`.
     for name in ("torchvision", "torchaudio", "torchcodec"):
         assert importlib.util.find_spec(name) is None, f"{name} is installed; `make install` removes it"
+
+
+def test_model_structure_lookups_are_classes_isinstance_accepts() -> None:
+    classes = (vllm_adapter.linear_base(), vllm_adapter.lm_head_class(),
+               vllm_adapter.attention_class(), *vllm_adapter.moe_layer_classes())
+    assert all(isinstance(c, type) for c in classes)
+    assert vllm_adapter.moe_layer_classes()  # RoutedExperts
+    assert not isinstance(object(), vllm_adapter.moe_layer_classes())

@@ -168,16 +168,21 @@ def lm_head_class() -> type:
 
 
 def moe_layer_classes() -> tuple[type, ...]:
-    """Module classes that own an MoE expert GEMM (0.32/0.33 RoutedExperts; 0.26 FusedMoE)."""
+    """Module classes that own an MoE expert GEMM (RoutedExperts; FusedMoE where it is a class).
+
+    In 0.26 and later `FusedMoE` is a factory function, not a class: only classes are kept.
+    """
     found = []
     for module_name, attr in (
         ("vllm.model_executor.layers.fused_moe.routed_experts", "RoutedExperts"),
         ("vllm.model_executor.layers.fused_moe.layer", "FusedMoE"),
     ):
         try:
-            found.append(getattr(importlib.import_module(module_name), attr))
+            candidate = getattr(importlib.import_module(module_name), attr)
         except (ImportError, AttributeError):
             continue
+        if isinstance(candidate, type):
+            found.append(candidate)
     return tuple(found)
 
 
