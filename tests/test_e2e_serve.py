@@ -137,3 +137,18 @@ def test_selfcheck_passes_and_gates_readiness(server: Server) -> None:
     families = {f.name: f for f in text_string_to_metric_families(server.get("/metrics").text)}
     assert families["gemmguard_selfcheck_passed"].samples[0].value == 1
     assert families["gemmguard_selfcheck_duration_seconds"].samples[0].value > 0
+
+
+def test_fixes_route_and_metric_agree_and_fp8_loads_through_the_portable_fix(
+    server: Server,
+) -> None:
+    from gemmguard.fixes import STATES
+
+    (rank,) = server.get("/gemmguard/v1/fixes").json()["ranks"]
+    states = {row["fix"]: row["state"] for row in rank["fixes"]}
+    assert set(states.values()) <= set(STATES)
+    assert states["portable-fp8"] == "patched"  # this CPU has no AMX: vLLM has no FP8 kernel
+    families = {f.name: f for f in text_string_to_metric_families(server.get("/metrics").text)}
+    metric = {s.labels["fix"]: s.labels["state"]
+              for s in families["gemmguard_engine_fix_info"].samples}
+    assert metric == states

@@ -52,6 +52,21 @@ def _selfcheck(args: argparse.Namespace) -> int:
     return 0 if outcome.passed else 1
 
 
+def _fixes(args: argparse.Namespace) -> int:
+    import json
+
+    from gemmguard import fixes
+
+    report = fixes.apply_all()
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    width = max(len(row["fix"]) for row in report)
+    for row in report:
+        print(f"{row['fix']:<{width}}  {row['state']:<14}  {row['detail']}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The `gemmguard` parser with one subparser per verb."""
     parser = argparse.ArgumentParser(
@@ -102,6 +117,16 @@ def build_parser() -> argparse.ArgumentParser:
     kernels.add_argument("--deny-kernel", action="append", default=[], metavar="NAME",
                          help="Remove the kernel class NAME from every candidate list.")
     kernels.set_defaults(handler=_kernels)
+
+    fixes = verbs.add_parser(
+        "fixes",
+        help="Show each engine fix gemmguard carries and its state on this installation.",
+        description="Detect each carried engine fix from the installed vLLM's behaviour, patch "
+        "what is missing (in this process, as every gemmguard engine process does), and print "
+        "the states: upstream, patched, missing, not_applicable.",
+    )
+    fixes.add_argument("--json", action="store_true", help="Print JSON instead of a table.")
+    fixes.set_defaults(handler=_fixes)
 
     selfcheck = verbs.add_parser(
         "selfcheck",

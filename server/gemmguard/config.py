@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from gemmguard.errors import ConfigError
 
@@ -104,6 +104,23 @@ class Settings:
     @property
     def canary_prompt(self) -> str:
         return self.get("CANARY_PROMPT", str, "Hi")
+
+    # Model types DeepGEMM is forced back on for despite the Blackwell exclusion ("*": all).
+    @property
+    def deepgemm_force(self) -> tuple[str, ...]:
+        return self.get("DEEPGEMM_FORCE", _csv, ())
+
+    # Extra DeepGEMM known-bad entries, "model_type:family[/family]" (e.g. glm4_moe:100/120).
+    @property
+    def deepgemm_exclude(self) -> tuple[Any, ...]:
+        from gemmguard.fixes.deepgemm_table import parse_spec
+
+        return self.get("DEEPGEMM_EXCLUDE", parse_spec, ())
+
+    # Engine fixes to detect but not patch (fix names, or "all"; default: none).
+    @property
+    def fixes_disable(self) -> tuple[str, ...]:
+        return self.get("FIXES_DISABLE", _csv, ())
 
     # Faulty test kernels put first in the FP8 block candidates (e8m0, garbage, corrupt-block).
     @property

@@ -41,6 +41,7 @@ class GemmguardState:
     ranks: list[dict[str, Any]] = field(default_factory=list)
     kernels: list[list[dict[str, Any]]] = field(default_factory=list)
     selfcheck: Outcome | None = None
+    fixes: list[list[dict[str, str]]] = field(default_factory=list)
     liveness: Liveness | None = None
     initialized: bool = False
 
@@ -78,6 +79,15 @@ async def get_kernels(request: Request) -> JSONResponse:
     return JSONResponse(
         {"ranks": [{"rank": i, "layers": rows} for i, rows in enumerate(state.kernels)]}
     )
+
+
+@router.get("/v1/fixes")
+async def get_fixes(request: Request) -> JSONResponse:
+    """The engine fixes gemmguard carries, per rank: upstream, patched, missing, not_applicable."""
+    state = _state(request)
+    if state is None or not state.initialized:
+        return _not_ready("gemmguard has not gathered the fix reports yet")
+    return JSONResponse({"ranks": [{"rank": i, "fixes": rows} for i, rows in enumerate(state.fixes)]})
 
 
 @router.get("/v1/selfcheck")
@@ -136,8 +146,10 @@ class GemmguardEndpoints:
         cfg = settings()
         gg.ranks = list(await engine_client.collective_rpc("gemmguard_build_info"))
         gg.kernels = list(await engine_client.collective_rpc("gemmguard_kernel_report"))
+        gg.fixes = list(await engine_client.collective_rpc("gemmguard_fixes"))
         metrics = process_metrics()
         metrics.publish_build(gg.ranks[0] if gg.ranks else gg.api_server)
+        metrics.publish_fixes(gg.fixes[0] if gg.fixes else [])
         metrics.publish_kernels(
             (row for rows in gg.kernels for row in rows),
             per_layer=cfg.per_layer_metrics,

@@ -79,6 +79,11 @@ class Metrics:
             ("layer", "kernel"),
         )
 
+        self.engine_fix_info = gauge(
+            "gemmguard_engine_fix_info",
+            "Each carried engine fix and its state: upstream, patched, missing, not_applicable.",
+            ("fix", "state"),
+        )
         self.engine_live = gauge(
             "gemmguard_engine_live",
             "1 while the last canary or real request finished within its deadline, else 0.",
@@ -95,6 +100,12 @@ class Metrics:
             ("reason",),
             registry=registry,
         )
+
+    def publish_fixes(self, report: Iterable[Mapping[str, str]]) -> None:
+        """One series per fix, value 1, its state as a label."""
+        self.engine_fix_info.clear()
+        for row in report:
+            self.engine_fix_info.labels(row["fix"], row["state"]).set(1)
 
     def publish_selfcheck(self, outcome: Any, *, per_layer: bool = True) -> None:
         """Export a self-check outcome (selfcheck.policy.Outcome)."""

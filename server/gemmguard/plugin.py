@@ -60,8 +60,12 @@ def register() -> None:
     from gemmguard.inventory import selection
     from gemmguard.selfcheck import sample
 
+    from gemmguard import fixes
+
     cfg = settings()
     add_portable_kernels(cfg.test_kernels)
     selection.install(cfg.deny_kernels, cfg.selfcheck_denied)
     sample.install()
+    # After the candidate lists are final, so the fixes see what vLLM will choose from.
+    fixes.apply_all(cfg)
     logger.debug("gemmguard general plugin loaded")

