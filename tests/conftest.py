@@ -84,7 +84,8 @@ def start_server(
             pass
         time.sleep(1)
     server.stop()
-    raise AssertionError(f"gemmguard serve not ready in {START_TIMEOUT_S}s:\n{server.log()[-6000:]}")
+    raise AssertionError(
+        f"gemmguard serve not ready in {START_TIMEOUT_S}s:\n{server.log()[-6000:]}")
 
 
 @pytest.fixture(scope="session")

@@ -13,8 +13,8 @@ from safetensors.torch import load_file
 
 from gemmguard.demo import DemoSpec, write_demo_model
 from gemmguard.demo.checkpoint import FP8_BLOCK
-from gemmguard.numerics import quantize_fp8_block
 from gemmguard.errors import UsageError
+from gemmguard.numerics import quantize_fp8_block
 
 
 def _files(folder: Path) -> dict[str, bytes]:

@@ -50,9 +50,9 @@ def test_warn_serves_and_says_degraded(warned: Server) -> None:
     ready = warned.get("/gemmguard/ready")
     assert ready.status_code == 200 and ready.json()["selfcheck_passed"] is False
     report = warned.get("/gemmguard/v1/selfcheck").json()
-    degraded = [l for l in report["ranks"][0]["layers"] if l["verdict"] == "degraded"]
-    assert degraded and {l["kernel"] for l in degraded} == {E8M0}
-    assert all(l["excess_bits"] > 0.25 for l in degraded)
+    degraded = [row for row in report["ranks"][0]["layers"] if row["verdict"] == "degraded"]
+    assert degraded and {row["kernel"] for row in degraded} == {E8M0}
+    assert all(row["excess_bits"] > 0.25 for row in degraded)
     assert _value(warned, "gemmguard_selfcheck_passed") == 0
     assert _value(warned, "gemmguard_selfcheck_layers", result="degraded") == len(degraded)
     excess = [s for s in _samples(warned, "gemmguard_selfcheck_excess_bits")
@@ -69,7 +69,7 @@ def test_fallback_restarts_once_and_ends_on_a_passing_kernel(fell_back: Server) 
     assert report["previous"]["passed"] is False
     assert report["previous"]["offending_kernels"] == [E8M0]
     kernels = fell_back.get("/gemmguard/v1/kernels").json()["ranks"][0]["layers"]
-    fp8 = {l["kernel"] for l in kernels if l["scheme"] == "fp8-block"}
+    fp8 = {row["kernel"] for row in kernels if row["scheme"] == "fp8-block"}
     assert fp8 and E8M0 not in fp8
     selfcheck_fallbacks = [s for s in _samples(fell_back, "gemmguard_kernel_fallback_total")
                            if s.labels["reason"] == "selfcheck"]

@@ -9,8 +9,8 @@ import pytest
 from gemmguard import ledger, vllm_adapter
 from gemmguard.config import Settings
 from gemmguard.fixes import portable_fp8, simulate
-from gemmguard.vllm_adapter import fixes as engine
 from gemmguard.kernels.portable_fp8_block import PORTABLE_KERNEL_NAMES
+from gemmguard.vllm_adapter import fixes as engine
 
 
 @pytest.fixture

@@ -6,8 +6,9 @@ from gemmguard.selfcheck.policy import Outcome, summary
 
 
 def _rank(*verdicts: str) -> dict:  # type: ignore[type-arg]
-    layers = [{"layer": f"l{i}", "kernel": "K[A|B]" if v != "pass" else "Good", "scheme": "fp8-block",
-               "bits": 4.5, "expected_bits": 5.5, "excess_bits": 1.0, "verdict": v}
+    layers = [{"layer": f"l{i}", "kernel": "K[A|B]" if v != "pass" else "Good",
+               "scheme": "fp8-block", "bits": 4.5, "expected_bits": 5.5, "excess_bits": 1.0,
+               "verdict": v}
               for i, v in enumerate(verdicts)]
     return {"rank": 0, "seconds": 0.1, "sample_bytes": 10, "model_bytes": 2000, "layers": layers}
 

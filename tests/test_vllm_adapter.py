@@ -36,7 +36,8 @@ def test_missing_name_error_says_what_was_tried_and_what_to_do() -> None:
 def test_torchvision_is_not_installed_beside_the_cpu_torch() -> None:
     # PyPI's torchvision fails to load beside torch 2.13.0+cpu and breaks `import vllm`.
     for name in ("torchvision", "torchaudio", "torchcodec"):
-        assert importlib.util.find_spec(name) is None, f"{name} is installed; `make install` removes it"
+        assert importlib.util.find_spec(name) is None, (
+            f"{name} is installed; `make install` removes it")
 
 
 def test_model_structure_lookups_are_classes_isinstance_accepts() -> None:

@@ -87,7 +87,8 @@ async def get_fixes(request: Request) -> JSONResponse:
     state = _state(request)
     if state is None or not state.initialized:
         return _not_ready("gemmguard has not gathered the fix reports yet")
-    return JSONResponse({"ranks": [{"rank": i, "fixes": rows} for i, rows in enumerate(state.fixes)]})
+    ranks = [{"rank": i, "fixes": rows} for i, rows in enumerate(state.fixes)]
+    return JSONResponse({"ranks": ranks})
 
 
 @router.get("/v1/selfcheck")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import json
 import os
 import signal
 import socket
@@ -260,10 +261,8 @@ def _announce_when_ready(plan: ServePlan, child: subprocess.Popen[bytes]) -> Non
         time.sleep(1)
     else:
         return
-    body = (
-        '{"model": "%s", "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 16}'
-        % plan.served_name
-    )
+    body = json.dumps({"model": plan.served_name,
+                       "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 16})
     print(
         f"\ngemmguard: serving '{plan.served_name}' at {plan.base_url}. Try:\n"
         f"  curl -s {plan.base_url}/v1/chat/completions -H 'Content-Type: application/json' "

@@ -56,11 +56,10 @@ def register() -> None:
     if _REGISTERED:
         return
     _REGISTERED = True
+    from gemmguard import fixes
     from gemmguard.config import settings
     from gemmguard.inventory import selection
     from gemmguard.selfcheck import sample
-
-    from gemmguard import fixes
 
     cfg = settings()
     add_portable_kernels(cfg.test_kernels)

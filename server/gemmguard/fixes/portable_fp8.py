@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from gemmguard.config import Settings
 from gemmguard.fixes import Finding, Fix, FixNotPatchable
-from gemmguard.vllm_adapter import fixes as engine
 from gemmguard.kernels.portable_fp8_block import PORTABLE_KERNEL_NAMES
+from gemmguard.vllm_adapter import fixes as engine
 
 NAME = "portable-fp8"
 

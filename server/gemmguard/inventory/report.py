@@ -120,7 +120,8 @@ def _moe_row(name: str, module: Any) -> dict[str, Any]:
     if experts is not None:
         kernel = type(experts).__name__
         if hasattr(experts, "fallback_experts"):  # chosen per call by shape
-            kernel += f"[{type(experts.experts).__name__}|{type(experts.fallback_experts).__name__}]"
+            parts = (type(experts.experts).__name__, type(experts.fallback_experts).__name__)
+            kernel += f"[{parts[0]}|{parts[1]}]"
     else:
         kernel = _function_name(getattr(method, "experts_cls", None) or method)
     row = _row(name, "moe", method, kernel, scheme_of(None, getattr(module, "w13_weight", None)),

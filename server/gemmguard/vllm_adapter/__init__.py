@@ -191,7 +191,7 @@ def attention_class() -> type | None:
     """vLLM's attention layer class (its `.impl` is the attention kernel)."""
     for module_name in ("vllm.model_executor.layers.attention", "vllm.attention.layer"):
         try:
-            return getattr(importlib.import_module(module_name), "Attention")  # type: ignore[no-any-return]
+            return importlib.import_module(module_name).Attention  # type: ignore[no-any-return]
         except (ImportError, AttributeError):
             continue
     return None
