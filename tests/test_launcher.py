@@ -52,6 +52,7 @@ def test_gemmguard_options_become_settings_and_vllm_options_pass_through(tmp_pat
     )
     assert plan.model == str(model) and not plan.is_demo
     assert plan.env["GEMMGUARD_DENY_KERNELS"] == "A,B"
+    assert plan.env["VLLM_DISABLED_KERNELS"] == "A,B"
     assert plan.env["GEMMGUARD_PER_LAYER_METRICS"] == "0"
     assert plan.vllm_args[:2] == ["--max-model-len", "512"]
     assert "--deny-kernel" not in plan.vllm_args

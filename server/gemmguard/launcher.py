@@ -225,6 +225,10 @@ def engine_env(environ: dict[str, str], deny_kernels: list[str]) -> dict[str, st
     if deny_kernels:
         denied = [*settings(env).deny_kernels, *deny_kernels]
         env[PREFIX + "DENY_KERNELS"] = ",".join(dict.fromkeys(denied))
+        # vLLM's own switch reaches the choosers gemmguard does not wrap (mixed precision,
+        # MXFP4/8, NVFP4); gemmguard's wrapper records the reason "denied" where it does.
+        disabled = [n for n in env.get("VLLM_DISABLED_KERNELS", "").split(",") if n]
+        env["VLLM_DISABLED_KERNELS"] = ",".join(dict.fromkeys([*disabled, *denied]))
     if vllm_adapter.is_cpu_build() and not env.get("VLLM_CPU_KVCACHE_SPACE"):
         env["VLLM_CPU_KVCACHE_SPACE"] = CPU_KVCACHE_GIB
     return env
