@@ -1,0 +1,46 @@
+"""End-to-end: `gemmguard kernels` and `gemmguard selfcheck` load a model offline (no server)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from gemmguard.demo import write_demo_model
+
+pytestmark = pytest.mark.e2e
+
+ENGINE = ["--enforce-eager", "--max-model-len", "512"]
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_demo_model(tmp_path_factory.mktemp("offline") / "fp8", "fp8-block")
+
+
+def _gemmguard(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "gemmguard.cli", *args],
+                          capture_output=True, text=True, timeout=600,
+                          env={**os.environ, **env})
+
+
+def test_kernels_json_names_every_layer_and_vllms_turned_down_candidates(model: Path) -> None:
+    result = _gemmguard("kernels", str(model), "--json", *ENGINE)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (rows,) = json.loads(result.stdout)  # stdout holds only the JSON: vLLM logs go to stderr
+    fp8 = [row for row in rows if row["scheme"] == "fp8-block"]
+    assert len(fp8) == 8  # 2 layers × (qkv, o, gate_up, down)
+    for row in fp8:
+        assert row["kernel"] and row["turned_down"]
+        assert all(attempt["reason"] for attempt in row["turned_down"])
+
+
+def test_selfcheck_exits_1_and_reports_a_broken_kernel(model: Path) -> None:
+    result = _gemmguard("selfcheck", str(model), *ENGINE, GEMMGUARD_TEST_KERNELS="garbage")
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "0 degraded, 8 broken" in result.stdout
+    assert "--deny-kernel GarbageFp8BlockKernel" in result.stdout
