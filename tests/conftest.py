@@ -16,7 +16,7 @@ import pytest
 import requests
 
 # Engine start-up on 2 cores takes 30–90 s; a start that takes longer is a failure.
-START_TIMEOUT_S = float(os.environ.get("GEMMGUARD_TEST_START_TIMEOUT", "300"))
+START_TIMEOUT_S = float(os.environ.get("GEMMGUARD_TEST_START_TIMEOUT", "360"))
 # Options that make start-up fast on CI's CPU without changing what is tested.
 FAST_ENGINE_ARGS = ("--enforce-eager", "--max-model-len", "1024", "--max-num-seqs", "8")
 
@@ -59,6 +59,7 @@ def start_server(
     log_path: Path,
     env: dict[str, str] | None = None,
     wait_path: str = "/gemmguard/ready",
+    engine_starts: int = 1,
 ) -> Server:
     """Start `gemmguard serve ARGS` on a free loopback port and wait until `wait_path` is 200."""
     port = free_port()
@@ -70,7 +71,8 @@ def start_server(
         cmd, stdout=log, stderr=subprocess.STDOUT, env=full_env, start_new_session=True
     )
     server = Server(process, f"http://127.0.0.1:{port}", log_path)
-    deadline = time.monotonic() + START_TIMEOUT_S
+    timeout = START_TIMEOUT_S * engine_starts
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise AssertionError(
@@ -85,7 +87,7 @@ def start_server(
         time.sleep(1)
     server.stop()
     raise AssertionError(
-        f"gemmguard serve not ready in {START_TIMEOUT_S}s:\n{server.log()[-6000:]}")
+        f"gemmguard serve not ready in {timeout}s:\n{server.log()[-6000:]}")
 
 
 @pytest.fixture(scope="session")
@@ -101,11 +103,12 @@ def server_factory(
     """Start servers for one module; all are stopped when the module ends."""
     started: list[Server] = []
 
-    def factory(*args: str, env: dict[str, str] | None = None, fast: bool = True) -> Server:
+    def factory(*args: str, env: dict[str, str] | None = None, fast: bool = True,
+                engine_starts: int = 1) -> Server:
         log_path = tmp_path_factory.mktemp("serve") / "server.log"
         full_args = [*args, *(FAST_ENGINE_ARGS if fast else ())]
         server_env = {"GEMMGUARD_CACHE_DIR": str(demo_cache), **(env or {})}
-        server = start_server(full_args, log_path, server_env)
+        server = start_server(full_args, log_path, server_env, engine_starts=engine_starts)
         started.append(server)
         return server
 

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any
 
-import pytest
 from benchmarks import compare, report
-from benchmarks.report import dur, render_markdown, summary_lines, x
+from benchmarks.report import render_markdown, summary_lines
 
 from test_benchmarks_compare import batch, sample
 
@@ -40,7 +38,7 @@ def full_results() -> dict[str, Any]:
                sample("demo-fp8-block", "gemmguard", 61.0, 0.2,
                       plain_missing_reason="plain vLLM cannot load FP8 block checkpoints")]
     models = compare.startup_models(samples)
-    memory = {"tree_rss_bytes": 3 * 2**30, "tree_pss_bytes": 2 * 2**30,
+    memory = {"tree_rss_bytes": 3 * 2**30, "tree_pss_bytes": 2 * 2**30, "tree_uss_bytes": 2**30,
               "rss_bytes_by_role": {"worker": 2**30, "supervisor": 2**28}}
     plain_memory = {**memory, "rss_bytes_by_role": {"worker": 2**30}}
     path = {"cells": cells, "goals": compare.goals_summary(cells),
@@ -55,8 +53,10 @@ def full_results() -> dict[str, Any]:
                      "torch": "2.13.0+cpu", "python": "3.11.7"},
         "machine": {"cpu_model": "AMD EPYC", "usable_cpus": 2, "logical_cpus": 2,
                     "memory_bytes": 24 * 2**30, "virtualized": True, "avx512": False,
+                    "avx512_bf16": False,
                     "amx": False, "os": "Linux"},
-        "settings": {"requests": 128},
+        "settings": {"requests": 128, "omp_threads_bind": "0",
+                     "engine_args": ["--enforce-eager"]},
         "request_path": path, "load_held": path["load_held"],
         "startup": {"samples": samples, "models": models},
         "memory": {"rows": compare.memory_rows(path, models)},
@@ -98,7 +98,8 @@ def test_summary_fits_one_screen_and_names_each_result() -> None:
     joined = "\n".join(lines)
     assert "Request path throughput: gemmguard/plain 1.000×, goal >= 0.99× met" in joined
     assert "Load held: 128/128 requests answered, 0 5xx, 0 lost." in joined
-    assert "Start-up demo-fp8-block: gemmguard 61.00 s vs plain no plain baseline" in joined
+    assert "Start-up demo-fp8-block: gemmguard 61.00 s (plain vLLM cannot load it here)" in joined
+    assert "Memory (demo-bf16, start-up and the whole load): RSS gemmguard 3,072 MiB" in joined
     assert "Portable FP8 kernels, 4096x4096, time vs BF16 F.linear at 1/128 tokens: " \
            "Dequant 1.10/1.10×, Emulated 20.00/20.00×." in joined
 
@@ -121,15 +122,27 @@ def test_write_gives_json_that_renders_the_same_markdown(tmp_path: Path) -> None
     assert md.read_text() == render_markdown(data)
 
 
-@pytest.mark.parametrize("value, text", [
-    (1.0, "1.000×"), (None, "n/a"), (math.nan, "n/a"),
-    ({"median": 1.0, "low": 0.9, "high": 1.1, "n": 3}, "1.000× (0.900–1.100)"),
-    ({"median": 1.0, "low": 1.0, "high": 1.0, "n": 1}, "1.000×"),
-])
-def test_ratio_format(value: Any, text: str) -> None:
-    assert x(value) == text
+def test_rounds_on_both_sides_of_a_goal_and_noise_wider_than_it_are_said() -> None:
+    results = full_results()
+    text = render_markdown(results)
+    # Requests/s ratios 0.99 and 1.01: the bound 0.99 lies within the rounds' range …
+    assert "| met (rounds on both sides) | met |" in text
+    # … and each server's own rate doubled between rounds (widths 66.7% and 68.4%).
+    assert "A/A noise (67.6%) is wider than the 1% the goals allow" in text
+    assert any("A/A noise" in line for line in summary_lines(results))
+    assert "OpenMP threads on CPUs `0`" in text and "`--enforce-eager`" in text
 
 
-def test_duration_format_picks_its_unit() -> None:
-    assert (dur(2.5e-5), dur(2.5e-3), dur(2.5), dur(None)) == ("25.0 µs", "2.50 ms", "2.50 s",
-                                                               "n/a")
+def test_make_bench_is_named_when_it_is_the_command() -> None:
+    results = {**full_results(), "command": "python -m benchmarks --out docs"}
+    assert "`make bench` runs exactly this." in render_markdown(results)
+    assert "`make bench`" not in render_markdown(full_results())
+
+
+def test_kernel_notes_explain_bf16_against_fp32_on_cpus_without_bf16() -> None:
+    results = full_results()
+    for row in results["kernels"]["rows"]:
+        row["ratio_vs_bf16"]["PortableFp8BlockEmulatedKernel"] = 0.5
+    assert "no AVX-512 BF16 instructions" in render_markdown(results)
+    assert "no AVX-512 BF16 instructions" not in render_markdown(full_results())
+    assert "largest absolute difference of 0.000" in render_markdown(results)

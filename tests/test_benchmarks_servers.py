@@ -87,11 +87,11 @@ def test_stop_ends_the_whole_tree_and_memory_covers_it(tmp_path: Path) -> None:
     memory = server.memory()
     assert memory["max_processes"] == 2 and memory["tree_rss_bytes"] > 0
     assert sum(memory["rss_bytes_by_role"].values()) >= memory["tree_rss_bytes"] / 2
-    pids = [p.pid for p in psutil.Process(server.process.pid).children()]
+    children = psutil.Process(server.process.pid).children()
     server.stop()
     assert server.process.poll() is not None
-    assert not any(psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie"
-                   for pid in pids)
+    _, alive = psutil.wait_procs(children, timeout=10)
+    assert alive == []
 
 
 def test_sampler_records_when_each_process_started() -> None:

@@ -43,7 +43,8 @@ def warned(server_factory: Callable[..., Server]) -> Server:
 
 @pytest.fixture(scope="module")
 def fell_back(server_factory: Callable[..., Server]) -> Server:
-    return server_factory(env={"GEMMGUARD_TEST_KERNELS": "e8m0"})  # default policy: fallback
+    # Default policy (fallback): the engine starts twice before the server is ready.
+    return server_factory(env={"GEMMGUARD_TEST_KERNELS": "e8m0"}, engine_starts=2)
 
 
 def test_warn_serves_and_says_degraded(warned: Server) -> None:
