@@ -72,3 +72,31 @@ def test_a_dead_engine_fails_with_its_error_then_recovers() -> None:
     engine.behaviour, engine.errored = "ok", False
     asyncio.run(liveness.probe())
     assert liveness.live and metrics.engine_live._value.get() == 1
+
+
+def test_middleware_counts_streamed_chunks_and_not_server_errors() -> None:
+    from gemmguard.canary import LivenessMiddleware
+
+    liveness, _, _ = _liveness("ok")
+
+    def app_with(status: int):  # type: ignore[no-untyped-def]
+        async def app(scope: Any, receive: Any, send: Any) -> None:
+            await send({"type": "http.response.start", "status": status})
+            for chunk in (b"data: a\n\n", b"data: b\n\n", b""):
+                await send({"type": "http.response.body", "body": chunk, "more_body": bool(chunk)})
+        return app
+
+    async def drive(status: int) -> list[float]:
+        seen: list[float] = []
+
+        async def send(message: Any) -> None:
+            seen.append(liveness.last_ok)
+
+        middleware = LivenessMiddleware(app_with(status), lambda: liveness)
+        await middleware({"type": "http", "path": "/v1/completions"}, None, send)
+        return seen
+
+    liveness.last_ok = 0.0
+    assert asyncio.run(drive(500))[-1] == 0.0  # a 5xx stream is no evidence
+    seen = asyncio.run(drive(200))
+    assert seen[1] > 0.0  # renewed at the first chunk, before the request finished

@@ -3,7 +3,8 @@
 vLLM's /health only says the API server answers; an engine core that died or hangs can leave
 it at 200 for hours. The canary sends one greedy 1-token request through the engine when no
 real request has finished for `interval` seconds; real requests finishing are evidence
-enough, so under load nothing is sent. A canary that does not finish within `deadline`
+enough (and so is every streamed chunk of a 2xx response, so long generations count while
+they run), so under load nothing is sent. A canary that does not finish within `deadline`
 seconds, or fails, turns liveness off until the next success.
 """
 
@@ -52,6 +53,10 @@ class Liveness:
         self._in_flight -= 1
         if ok:
             self._succeeded()
+
+    def request_progressed(self) -> None:
+        """A real request sent output: the engine is producing tokens."""
+        self._succeeded()
 
     # --- state ------------------------------------------------------------------------------
     @property
@@ -129,7 +134,10 @@ class Liveness:
 
 
 class LivenessMiddleware:
-    """ASGI middleware: a finished /v1/ request is evidence the engine works (5xx is not)."""
+    """ASGI middleware: /v1/ output is evidence the engine works (5xx is not).
+
+    Each body chunk of a 2xx response counts, so a stream renews liveness token by token.
+    """
 
     def __init__(self, app: Any, liveness_of: Any) -> None:
         self.app = app
@@ -145,6 +153,9 @@ class LivenessMiddleware:
         async def watch(message: Any) -> None:
             if message["type"] == "http.response.start":
                 status[0] = message["status"]
+            elif message["type"] == "http.response.body" and status[0] < 300 \
+                    and message.get("body"):
+                liveness.request_progressed()
             await send(message)
 
         liveness.request_started()
