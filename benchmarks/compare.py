@@ -170,6 +170,8 @@ def _phases(samples: list[dict[str, Any]]) -> dict[str, Any]:
             values = [(s["startup"].get("processes_started_s") or {}).get(phase)
                       for s in samples]
         out[phase] = spread_dict(values)
+    out["other_busy_fraction"] = spread_dict(
+        (s["startup"].get("host_load") or {}).get("other_busy_fraction") for s in samples)
     return out
 
 

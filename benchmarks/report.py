@@ -158,17 +158,23 @@ def _startup(startup: dict[str, Any] | None) -> list[str]:
     lines += ["", "Where the time goes: seconds from spawn until a process of each kind was "
               "created (psutil), `/health` answered, and the first completion (medians). "
               "gemmguard serve's supervisor starts vLLM's API server as a child; plain vLLM is "
-              "that API server itself.", ""]
+              "that API server itself. The last column is the share of the machine's CPU time "
+              "that went to work other than this benchmark during the start-ups: a start-up "
+              "that shared the machine with someone else's test run is slow for that reason.",
+              ""]
     rows = []
     for m in startup["models"]:
         for server in ("gemmguard", "plain"):
             phases = m.get("phases", {}).get(server) or {}
             if not phases.get("first_completion"):
                 continue
+            other = phases.get("other_busy_fraction")
             rows.append([m["model"], server, *[secs(median(phases.get(name)))
-                                               for name in PHASE_COLUMNS]])
+                                               for name in PHASE_COLUMNS],
+                         f"{pct(other, 0)} (up to {pct(other['high'], 0)})" if other else NA])
     lines += table(["checkpoint", "server", "API server process", "engine core process",
-                     "worker process", "/health", "first completion"], rows)
+                    "worker process", "/health", "first completion",
+                    "other work on the CPUs meanwhile"], rows)
     reasons = {m["plain_missing_reason"] for m in startup["models"] if m["plain_missing_reason"]}
     for reason in sorted(reasons):
         lines += ["", f"¹ {reason[0].upper()}{reason[1:]}."]

@@ -51,12 +51,12 @@ class Checkpoint:
 class Options:
     """Everything a run depends on; recorded in the report as `settings`."""
 
-    requests: int = 64
+    requests: int = 48
     concurrency: tuple[int, ...] = (1, 4, 16)
-    rounds: int = 5
+    rounds: int = 4
     max_tokens: int = 32
     prompt_len: int = 64
-    startup_rounds: int = 1
+    startup_rounds: int = 2
     engine_args: tuple[str, ...] = ("--enforce-eager", "--max-model-len", "1024")
     # VLLM_CPU_OMP_THREADS_BIND for both servers ("auto" is vLLM's default); see cli.
     omp_threads_bind: str = "auto"
@@ -114,6 +114,7 @@ class Run:
 
     def start(self, spec: ServerSpec) -> tuple[Server, dict[str, Any]]:
         server = Server(spec, self.workdir / "logs", self.options.sample_interval_s)
+        host = HostLoad.begin(self.ours())
         self.live.append(server)
         server.start()
         try:
@@ -122,9 +123,17 @@ class Run:
             server.stop()
             self.live.remove(server)
             raise
+        found = startup.as_dict()
+        # How much else ran meanwhile: a start-up on a busy shared machine is slow for that.
+        found["host_load"] = host.end(self.ours())
         self.log(f"[bench]   {spec.label} {spec.kind}: first completion after "
-                 f"{startup.first_completion_s:.1f} s")
-        return server, startup.as_dict()
+                 f"{startup.first_completion_s:.1f} s (other work: "
+                 f"{100 * (found['host_load']['other_busy_fraction'] or 0):.0f}% of the CPUs)")
+        return server, found
+
+    def ours(self) -> float:
+        """CPU seconds of this benchmark: this process, its finished children, live servers."""
+        return own_cpu_seconds() + sum(s.cpu_seconds() for s in self.live)
 
     def stop_all(self) -> None:
         while self.live:
@@ -185,10 +194,7 @@ class Run:
                                       max_tokens=opts.max_tokens, prompt_len=opts.prompt_len)
                     batches.append({**warm.as_dict(), "round": -1, "warmup": True})
 
-            def ours() -> float:
-                return own_cpu_seconds() + sum(s.cpu_seconds() for s in servers.values())
-
-            host = HostLoad.begin(ours())
+            host = HostLoad.begin(self.ours())
             cell = 0
             for rnd in range(opts.rounds):
                 for concurrency in opts.concurrency:
@@ -204,7 +210,7 @@ class Run:
                             batches.append({**result.as_dict(), "round": rnd,
                                             "position": position})
                 self.log(f"[bench]   request path: round {rnd + 1}/{opts.rounds} done")
-            info["host_load"] = host.end(ours())
+            info["host_load"] = host.end(self.ours())
             info["memory"] = {kind: s.memory() for kind, s in servers.items()}
             info["batches"] = batches
             return info

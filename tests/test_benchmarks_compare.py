@@ -103,20 +103,22 @@ def test_load_held_counts_every_request_including_warmup() -> None:
 
 
 def sample(model: str, server: str, first: float, selfcheck_s: float | None = None,
-           rss: int = 1000, pss: int | None = None, **extra: Any) -> dict[str, Any]:
+           rss: int = 1000, pss: int | None = None, other_busy: float = 0.1,
+           **extra: Any) -> dict[str, Any]:
     check = None if selfcheck_s is None else {
         "passed": True, "duration_seconds": selfcheck_s, "sample_bytes": 10,
         "model_bytes": 1000, "sample_fraction": 0.01, "kernels": ["k"]}
     return {"model": model, "server": server, "round": 0,
             "startup": {"first_completion_s": first, "health_s": first - 1,
                         "processes_started_s": {"api-server": 2.0, "worker": 20.0},
+                        "host_load": {"other_busy_fraction": other_busy},
                         "selfcheck": check},
             "memory": {"tree_rss_bytes": rss, "tree_pss_bytes": pss}, **extra}
 
 
 def test_startup_rows_give_ratio_and_selfcheck_share() -> None:
     rows = startup_models([
-        sample("demo", "gemmguard", 60.0, 0.6, rss=1200, pss=600),
+        sample("demo", "gemmguard", 60.0, 0.6, rss=1200, pss=600, other_busy=0.5),
         sample("demo", "plain", 50.0, pss=500),
         sample("demo", "gemmguard", 64.0, 0.4, rss=1100, pss=600),
         sample("demo", "plain", 54.0, pss=500),
@@ -128,6 +130,7 @@ def test_startup_rows_give_ratio_and_selfcheck_share() -> None:
     assert demo["selfcheck_share"]["median"] == pytest.approx((0.01 + 0.4 / 64) / 2)
     assert demo["selfcheck_passed"] is True and demo["sample_fraction"] == 0.01
     assert demo["phases"]["plain"]["worker"]["median"] == 20.0
+    assert demo["phases"]["gemmguard"]["other_busy_fraction"]["high"] == 0.5
     assert demo["phases"]["gemmguard"]["health"]["median"] == 61.0
     assert demo["plain_missing_reason"] is None
     assert fp8["ratio"] is None and fp8["plain_first_completion_s"] is None
