@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -19,6 +20,19 @@ import requests
 START_TIMEOUT_S = float(os.environ.get("GEMMGUARD_TEST_START_TIMEOUT", "360"))
 # Options that make start-up fast on CI's CPU without changing what is tested.
 FAST_ENGINE_ARGS = ("--enforce-eager", "--max-model-len", "1024", "--max-num-seqs", "8")
+
+
+def tool(name: str) -> str:
+    """A CLI tool from PATH or beside this Python (.venv/bin); fails, never skips, if absent."""
+    path = shutil.which(name) or shutil.which(name, path=str(Path(sys.executable).parent))
+    if path is None:
+        pytest.fail(
+            f"'{name}' is not on PATH. Install it with `make tools` "
+            "(scripts/install-tools.sh .venv/bin) and run the tests through `make test`, "
+            "which puts .venv/bin first on PATH.",
+            pytrace=False,
+        )
+    return path
 
 
 def free_port() -> int:

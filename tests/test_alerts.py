@@ -8,14 +8,14 @@ healthy one that must not. To prove they test what they claim, each alert is als
 from __future__ import annotations
 
 import re
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+
+from conftest import tool
 
 ROOT = Path(__file__).resolve().parent.parent
 CHART = ROOT / "helm" / "gemmguard"
@@ -50,22 +50,9 @@ CONTRACT_METRICS = {
 }
 
 
-def _tool(name: str) -> str:
-    """A CLI tool from PATH or beside this Python (.venv/bin); fails, never skips, if absent."""
-    path = shutil.which(name) or shutil.which(name, path=str(Path(sys.executable).parent))
-    if path is None:
-        pytest.fail(
-            f"'{name}' is not on PATH. Install it with `make tools` "
-            "(scripts/install-tools.sh .venv/bin) and run the tests through `make test`, "
-            "which puts .venv/bin first on PATH.",
-            pytrace=False,
-        )
-    return path
-
-
 def _promtool(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [_tool("promtool"), *args], capture_output=True, text=True, timeout=120, check=False
+        [tool("promtool"), *args], capture_output=True, text=True, timeout=120, check=False
     )
 
 
@@ -149,7 +136,7 @@ def test_chart_ships_rules_promtool_accepts(tmp_path: Path) -> None:
     # The rules as the chart renders them, runbook URL swapped, must still be valid rules.
     rendered = subprocess.run(
         [
-            _tool("helm"), "template", "llm", str(CHART),
+            tool("helm"), "template", "llm", str(CHART),
             "--set", "prometheusRule.enabled=true",
             "--set", "prometheusRule.runbookUrl=https://runbooks.example.com/gemmguard.md",
             "--show-only", "templates/prometheusrule.yaml",

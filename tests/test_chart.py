@@ -19,6 +19,8 @@ import jsonschema
 import pytest
 import yaml
 
+from conftest import tool
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # Python 3.10, which pyproject.toml still allows
@@ -40,19 +42,6 @@ GPU_RESOURCE = {
 }
 
 
-def _tool(name: str) -> str:
-    """A CLI tool from PATH or beside this Python (.venv/bin); fails, never skips, if absent."""
-    path = shutil.which(name) or shutil.which(name, path=str(Path(sys.executable).parent))
-    if path is None:
-        pytest.fail(
-            f"'{name}' is not on PATH. Install it with `make tools` "
-            "(scripts/install-tools.sh .venv/bin) and run the tests through `make test`, "
-            "which puts .venv/bin first on PATH.",
-            pytrace=False,
-        )
-    return path
-
-
 def _run(args: list[str], stdin: str | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         args, input=stdin, capture_output=True, text=True, timeout=120, check=False
@@ -67,7 +56,7 @@ def _value_files(case: str) -> list[str]:
 
 
 def _template_text(*args: str) -> str:
-    result = _run([_tool("helm"), "template", "llm", str(CHART), *args])
+    result = _run([tool("helm"), "template", "llm", str(CHART), *args])
     assert result.returncode == 0, f"helm template {' '.join(args)} failed:\n{result.stderr}"
     return result.stdout
 
@@ -104,13 +93,13 @@ def _container(pod_spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def test_default_values_lint() -> None:
-    result = _run([_tool("helm"), "lint", "--strict", str(CHART)])
+    result = _run([tool("helm"), "lint", "--strict", str(CHART)])
     assert result.returncode == 0, result.stdout + result.stderr
 
 
 @pytest.mark.parametrize("case", PROFILES + SCENARIOS)
 def test_lint(case: str) -> None:
-    result = _run([_tool("helm"), "lint", "--strict", str(CHART), *_value_files(case)])
+    result = _run([tool("helm"), "lint", "--strict", str(CHART), *_value_files(case)])
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -131,7 +120,7 @@ def test_rendered_manifests_are_valid_kubernetes(case: str) -> None:
             )
     stream = yaml.safe_dump_all(manifests)
     result = _run(
-        [_tool("kubernetes-validate"), "--strict", "-k", KUBERNETES_VERSION, "-"], stdin=stream
+        [tool("kubernetes-validate"), "--strict", "-k", KUBERNETES_VERSION, "-"], stdin=stream
     )
     assert result.returncode == 0, (
         f"kubernetes-validate failed for {case}:\n{result.stdout}{result.stderr}"
@@ -385,7 +374,7 @@ def test_dashboard_configmap_carries_the_kernel_panels() -> None:
 
 def test_hpa_without_metrics_is_refused() -> None:
     result = _run(
-        [_tool("helm"), "template", "llm", str(CHART), "--set", "autoscaling.enabled=true"]
+        [tool("helm"), "template", "llm", str(CHART), "--set", "autoscaling.enabled=true"]
     )
     assert result.returncode != 0
     assert "autoscaling.metrics" in result.stderr
@@ -413,7 +402,7 @@ def test_notes_print_port_forward_and_curl(tmp_path: Path) -> None:
     )
     result = _run(
         [
-            _tool("helm"),
+            tool("helm"),
             "template",
             "llm",
             str(chart),
@@ -442,7 +431,7 @@ def test_notes_print_port_forward_and_curl(tmp_path: Path) -> None:
     ],
 )
 def test_schema_rejects_bad_values(setting: str) -> None:
-    result = _run([_tool("helm"), "template", "llm", str(CHART), "--set", setting])
+    result = _run([tool("helm"), "template", "llm", str(CHART), "--set", setting])
     assert result.returncode != 0, f"--set {setting} was accepted"
     assert "don't meet the specifications of the schema" in result.stderr, result.stderr
 

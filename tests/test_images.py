@@ -9,12 +9,13 @@ from __future__ import annotations
 import json
 import re
 import shlex
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from conftest import tool
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -36,19 +37,6 @@ ARCH_LIST = {
     "cuda-ampere": ("TORCH_CUDA_ARCH_LIST", "8.0"),
     "rocm-gfx950": ("PYTORCH_ROCM_ARCH", "gfx950"),
 }
-
-
-def _tool(name: str) -> str:
-    """A CLI tool from PATH or beside this Python (.venv/bin); fails, never skips, if absent."""
-    path = shutil.which(name) or shutil.which(name, path=str(Path(sys.executable).parent))
-    if path is None:
-        pytest.fail(
-            f"'{name}' is not on PATH. Install it with `make tools` "
-            "(scripts/install-tools.sh .venv/bin) and run the tests through `make test`, "
-            "which puts .venv/bin first on PATH.",
-            pytrace=False,
-        )
-    return path
 
 
 def instructions(target: str) -> list[tuple[str, str]]:
@@ -112,7 +100,7 @@ def test_every_target_has_a_dockerfile() -> None:
 
 def test_hadolint() -> None:
     result = subprocess.run(
-        [_tool("hadolint"), "--config", str(IMAGES / ".hadolint.yaml"),
+        [tool("hadolint"), "--config", str(IMAGES / ".hadolint.yaml"),
          *(str(IMAGES / t / "Dockerfile") for t in TARGETS)],
         capture_output=True, text=True, timeout=120, check=False,
     )  # fmt: skip

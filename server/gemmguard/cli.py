@@ -84,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
         "(e.g. --port, --max-model-len, --tensor-parallel-size).",
         usage="gemmguard serve [MODEL] [gemmguard options] [vLLM options]",
     )
-    from gemmguard.launcher import add_serve_options
+    from gemmguard.launcher import add_deny_option, add_serve_options
 
     add_serve_options(serve)
     serve.set_defaults(handler=_serve)
@@ -114,8 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     kernels.add_argument("model", help="Checkpoint folder or Hugging Face model id.")
     kernels.add_argument("--json", action="store_true", help="Print JSON instead of a table.")
-    kernels.add_argument("--deny-kernel", action="append", default=[], metavar="NAME",
-                         help="Remove the kernel class NAME from every candidate list.")
+    add_deny_option(kernels)
     kernels.set_defaults(handler=_kernels)
 
     fixes = verbs.add_parser(
@@ -137,8 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     selfcheck.add_argument("model", help="Checkpoint folder or Hugging Face model id.")
     selfcheck.add_argument("--json", action="store_true", help="Print the full JSON report.")
-    selfcheck.add_argument("--deny-kernel", action="append", default=[], metavar="NAME",
-                           help="Remove the kernel class NAME from every candidate list.")
+    add_deny_option(selfcheck)
     selfcheck.set_defaults(handler=_selfcheck)
 
     from gemmguard.evaluation.commands import add_eval_commands

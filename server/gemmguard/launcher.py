@@ -66,14 +66,8 @@ class ServePlan:
         return [sys.executable, "-m", "gemmguard.apiserver", self.model, *self.vllm_args]
 
 
-def add_serve_options(parser: argparse.ArgumentParser) -> None:
-    """gemmguard's own `serve` options; every other option is passed to vLLM unchanged."""
-    parser.add_argument(
-        "--demo-scheme",
-        choices=("bf16", "fp8-block"),
-        default="fp8-block",
-        help="Demo checkpoint served when no MODEL is given. Default: fp8-block.",
-    )
+def add_deny_option(parser: argparse.ArgumentParser) -> None:
+    """--deny-kernel, shared by every command that starts an engine."""
     parser.add_argument(
         "--deny-kernel",
         action="append",
@@ -82,6 +76,17 @@ def add_serve_options(parser: argparse.ArgumentParser) -> None:
         help="Remove the kernel class NAME from every vLLM candidate list (repeatable). "
         "Default: none.",
     )
+
+
+def add_serve_options(parser: argparse.ArgumentParser) -> None:
+    """gemmguard's own `serve` options; every other option is passed to vLLM unchanged."""
+    parser.add_argument(
+        "--demo-scheme",
+        choices=("bf16", "fp8-block"),
+        default="fp8-block",
+        help="Demo checkpoint served when no MODEL is given. Default: fp8-block.",
+    )
+    add_deny_option(parser)
     parser.add_argument(
         "--selfcheck-policy",
         choices=POLICIES,

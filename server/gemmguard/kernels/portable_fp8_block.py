@@ -45,10 +45,10 @@ def build_kernels() -> tuple[type, type]:
     """Create the kernel classes on vLLM's FP8 block kernel base of the installed version."""
     base: Any = vllm_adapter.fp8_block_kernel_base()
 
-    class PortableFp8BlockDequantKernel(base):  # type: ignore[misc, valid-type]
-        """W8A16: weights dequantized to the activation dtype at load, one GEMM per call."""
+    class PortableFp8BlockKernel(base):  # type: ignore[misc, valid-type]
+        """What both portable kernels share: they run anywhere torch runs."""
 
-        apply_input_quant = False
+        apply_input_quant = False  # each quantizes (or not) in apply_block_scaled_mm
 
         @classmethod
         def is_supported(cls, compute_capability: int | None = None) -> tuple[bool, str | None]:
@@ -66,6 +66,9 @@ def build_kernels() -> tuple[type, type]:
                 return False, f"output dtype {config.out_dtype} is not bf16, fp16 or fp32"
             return True, None
 
+    class PortableFp8BlockDequantKernel(PortableFp8BlockKernel):
+        """W8A16: weights dequantized to the activation dtype at load, one GEMM per call."""
+
         def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
             params = self._get_layer_params(layer)
             weight = numerics.dequantize_fp8_block(
@@ -78,18 +81,8 @@ def build_kernels() -> tuple[type, type]:
             # A: unquantized activations (apply_input_quant is False); B: the dequantized weight.
             return torch.nn.functional.linear(A, B)
 
-    class PortableFp8BlockEmulatedKernel(base):  # type: ignore[misc, valid-type]
+    class PortableFp8BlockEmulatedKernel(PortableFp8BlockKernel):
         """W8A8: 1×128 fp8 activation groups and 128×128 fp8 weight blocks, computed in fp32."""
-
-        apply_input_quant = False
-
-        @classmethod
-        def is_supported(cls, compute_capability: int | None = None) -> tuple[bool, str | None]:
-            return True, None
-
-        @classmethod
-        def can_implement(cls, config: Any) -> tuple[bool, str | None]:
-            return PortableFp8BlockDequantKernel.can_implement(config)
 
         def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
             params = self._get_layer_params(layer)
