@@ -1,7 +1,8 @@
 """What the liveness canary costs under load: `python -m benchmarks.canary --out docs`.
 
 Two gemmguard servers on the same bf16 demo checkpoint, one with an aggressive canary (1 s
-interval) and one with `--no-canary`, take the same concurrent load in alternating rounds.
+interval) and one with `--no-canary`, take the same concurrent load in alternating rounds; the
+server whose turn it is not is frozen, so they never compete for the CPU.
 Under load finished requests are the liveness evidence, so the canary should send nothing and
 cost nothing; a second load pattern leaves idle gaps longer than the interval between bursts,
 so canaries do run, and measures their effect there too. Ratios are canary-on / canary-off.
@@ -11,6 +12,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -32,10 +35,18 @@ def _canaries_sent(server: Server) -> int:
     return int(live["canaries_sent"])
 
 
+def _pause(server: Server, paused: bool) -> None:
+    """Freeze (or thaw) a server's whole process tree, so the idle one takes no CPU."""
+    assert server.process is not None
+    os.killpg(server.process.pid, signal.SIGSTOP if paused else signal.SIGCONT)
+
+
 def _round(server: Server, args: argparse.Namespace, gap_s: float) -> dict[str, Any]:
     """One load pattern on one server: bursts of requests with `gap_s` idle seconds between."""
     import time
 
+    _pause(server, False)
+    time.sleep(2)  # let a canary that was due while frozen finish before measuring
     before = _canaries_sent(server)
     answered = sent = 0
     wall = 0.0
@@ -47,8 +58,10 @@ def _round(server: Server, args: argparse.Namespace, gap_s: float) -> dict[str, 
         sent += len(result.results)
         wall += result.wall_s
         time.sleep(gap_s)
+    canaries = _canaries_sent(server) - before
+    _pause(server, True)
     return {"requests_per_s": ratio(answered, wall), "answered": answered, "sent": sent,
-            "canaries_during": _canaries_sent(server) - before}
+            "canaries_during": canaries}
 
 
 def measure(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
@@ -65,6 +78,7 @@ def measure(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             server.start()
         for server in servers.values():
             server.wait_until_serving(args.start_timeout)
+            _pause(server, True)  # each server runs only during its own rounds
         patterns = {"continuous load": 0.0, "bursts with 2 s idle gaps": 2.0}
         out: dict[str, Any] = {}
         for pattern, gap in patterns.items():
@@ -86,6 +100,8 @@ def measure(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         return out
     finally:
         for server in servers.values():
+            if server.process is not None and server.process.poll() is None:
+                _pause(server, False)
             server.stop()
 
 
@@ -107,10 +123,9 @@ def render(result: dict[str, Any], command: str) -> str:
     lines += ["", "Under continuous load no canary is sent (finished requests and streamed chunks "
               "are the evidence), so any difference there is noise between two servers; with idle "
               "gaps longer than the interval, one 1-token canary runs per gap, outside the bursts.",
-              "", f"Noise: the rounds' ratios spread over {widest:.0%} of their median. Both "
-              "servers share the machine's cores, and the idle one's engine (and canary) runs "
-              "beside the loaded one, so a ratio from this run cannot resolve the 1% goal; what "
-              "it does show is how many canaries were sent under load."]
+              "", f"Noise: the rounds' ratios spread over {widest:.0%} of their median. The server "
+              "not under load is frozen (SIGSTOP of its process group) so the two never compete; "
+              "a spread wider than 1% means this machine cannot resolve the 1% goal."]
     return "\n".join(lines) + "\n"
 
 
