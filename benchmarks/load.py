@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,15 +26,13 @@ REQUEST_TIMEOUT_S = 300.0
 AT_END = 0.9
 
 
-def prompts(count: int, length: int) -> list[str]:
-    """`count` distinct prompts of `length` ASCII characters (one demo token per byte)."""
-    alphabet = "abcdefghijklmnopqrstuvwxyz "
-    out = []
-    for i in range(count):
-        text = "".join(alphabet[(i * 7 + j * 13 + (i * j) % 5) % len(alphabet)]
-                       for j in range(length))
-        out.append(text)
-    return out
+def prompt(index: int, length: int) -> str:
+    """Prompt number `index`: `length` ASCII characters (one demo token each), the same every run.
+
+    Distinct indices give distinct prompts, so vLLM's prefix cache does not serve a request
+    from an earlier one.
+    """
+    return "".join(random.Random(index).choices("abcdefghijklmnopqrstuvwxyz ", k=length))
 
 
 @dataclass
@@ -57,6 +56,13 @@ class BatchResult:
     stream: bool
     wall_s: float
     results: list[RequestResult] = field(default_factory=list)
+
+    @classmethod
+    def merge(cls, parts: list[BatchResult]) -> BatchResult:
+        """One batch from several run back to back against the same server (chunks)."""
+        first = parts[0]
+        return cls(first.server, first.concurrency, first.stream, sum(p.wall_s for p in parts),
+                   [r for p in parts for r in p.results])
 
     @property
     def answered(self) -> list[RequestResult]:
@@ -153,10 +159,14 @@ async def one_request(session: aiohttp.ClientSession, url: str, body: dict[str, 
 
 
 async def run_batch(base_url: str, model: str, *, server: str, requests: int, concurrency: int,
-                    stream: bool, max_tokens: int, prompt_len: int) -> BatchResult:
-    """Send `requests` completions with at most `concurrency` in flight; time the whole batch."""
+                    stream: bool, max_tokens: int, prompt_len: int,
+                    first_prompt: int = 0) -> BatchResult:
+    """Send `requests` completions with at most `concurrency` in flight; time the whole batch.
+
+    The prompts are numbers `first_prompt` onwards (see `prompt`).
+    """
     url = base_url + "/v1/completions"
-    texts = prompts(requests, prompt_len)
+    texts = [prompt(first_prompt + i, prompt_len) for i in range(requests)]
     queue: asyncio.Queue[int] = asyncio.Queue()
     for i in range(requests):
         queue.put_nowait(i)

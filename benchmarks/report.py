@@ -91,10 +91,13 @@ def _request_path(path: dict[str, Any] | None, settings: dict[str, Any]) -> list
         f"Same bf16 demo checkpoint, same vLLM options (`{engine}`), same load: "
         f"{settings.get('requests', '?')} completions per batch, prompts of "
         f"{settings.get('prompt_len', '?')} tokens, exactly {settings.get('max_tokens', '?')} "
-        "output tokens each (`ignore_eos`), from an aiohttp client on loopback. Ratios are "
-        "gemmguard / plain, taken within a round (the two servers ran back to back, which one "
-        "first alternating), shown as the median over rounds with the lowest and highest in "
-        "brackets. TTFT is the time to the first streamed chunk carrying a token.", "",
+        "output tokens each (`ignore_eos`), every prompt distinct, from an aiohttp client on "
+        "loopback. Within a round each batch is split into chunks of at least two waves of "
+        "requests (at most 8 chunks) that alternate between the servers, A B B A …, so that "
+        "both share each stretch of the machine's time; which server goes first alternates "
+        "too. Ratios are gemmguard / plain within a round, shown as the median over rounds "
+        "with the lowest and highest in brackets. TTFT is the time to the first streamed chunk "
+        "carrying a token.", "",
         f"Both engines run their OpenMP threads on CPUs `{settings.get('omp_threads_bind')}` "
         "(`VLLM_CPU_OMP_THREADS_BIND`), leaving the rest to the API servers, gemmguard's "
         "supervisor and the client. On this machine vLLM's CPU engine often delivers a streamed "
@@ -310,9 +313,12 @@ def render_markdown(results: dict[str, Any]) -> str:
     if not problems:
         lines.append("None: every section ran.")
     for p in problems:
-        lines += [f"- **{p['section']}**:", "", "  ```", *[f"  {line}" for line in
-                                                          p["error"].splitlines()[-15:]],
-                  "  ```"]
+        lines += [f"- **{p['section']}**:"]
+        for cause in p.get("causes") or []:
+            lines.append(f"  - `{cause}`")
+        if p.get("log"):
+            lines.append(f"  - its log: `{p['log']}`")
+        lines += ["", "  ```", *[f"  {line}" for line in p["error"].splitlines()[-15:]], "  ```"]
     return "\n".join(lines) + "\n"
 
 

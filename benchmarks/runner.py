@@ -105,9 +105,8 @@ class Run:
         try:
             return fn(*args)
         except Exception as exc:  # noqa: BLE001 -- every failure is reported, then the rest runs
-            detail = "".join(traceback.format_exception_only(type(exc), exc)).strip()
-            self.problems.append({"section": name, "error": detail[-4000:]})
-            self.log(f"[bench] {name} failed: {detail[:600]}")
+            self.problems.append(problem(name, exc))
+            self.log(f"[bench] {name} failed: {str(exc)[:600]}")
             return None
         finally:
             self.log(f"[bench] {name} took {time.perf_counter() - start:.0f} s")
@@ -196,19 +195,27 @@ class Run:
 
             host = HostLoad.begin(self.ours())
             cell = 0
+            next_prompt = 2 * top  # the warm-up's prompts are 0 … 2·top−1
             for rnd in range(opts.rounds):
                 for concurrency in opts.concurrency:
                     for stream in (False, True):
                         kinds = ("plain", "gemmguard") if (rnd + cell) % 2 == 0 \
                             else ("gemmguard", "plain")
                         cell += 1
+                        parts: dict[str, list[load.BatchResult]] = {k: [] for k in kinds}
+                        for i, size in enumerate(chunks(opts.requests, concurrency)):
+                            # A B B A …: both servers share each stretch of the machine's time.
+                            for kind in kinds if i % 2 == 0 else kinds[::-1]:
+                                parts[kind].append(load.batch(
+                                    servers[kind].base_url, SERVED_NAME, server=kind,
+                                    requests=size, concurrency=concurrency, stream=stream,
+                                    max_tokens=opts.max_tokens, prompt_len=opts.prompt_len,
+                                    first_prompt=next_prompt))
+                            next_prompt += size
                         for position, kind in enumerate(kinds):
-                            result = load.batch(
-                                servers[kind].base_url, SERVED_NAME, server=kind,
-                                requests=opts.requests, concurrency=concurrency, stream=stream,
-                                max_tokens=opts.max_tokens, prompt_len=opts.prompt_len)
-                            batches.append({**result.as_dict(), "round": rnd,
-                                            "position": position})
+                            merged = load.BatchResult.merge(parts[kind])
+                            batches.append({**merged.as_dict(), "round": rnd,
+                                            "position": position, "chunks": len(parts[kind])})
                 self.log(f"[bench]   request path: round {rnd + 1}/{opts.rounds} done")
             info["host_load"] = host.end(self.ours())
             info["memory"] = {kind: s.memory() for kind, s in servers.items()}
@@ -235,8 +242,7 @@ class Run:
                 try:
                     server, startup = self.start(self.spec(kind, model, f"startup-{model}"))
                 except StartupError as exc:  # one start failing must not lose the others
-                    self.problems.append({"section": f"start-up {model} {kind}",
-                                          "error": str(exc)[-4000:]})
+                    self.problems.append(problem(f"start-up {model} {kind}", exc))
                     self.log(f"[bench]   {model} {kind} did not start: {exc.reason}")
                     continue
                 memory = server.memory()
@@ -248,6 +254,26 @@ class Run:
                     sample["plain_missing_reason"] = NO_AMX_REASON
                 samples.append(sample)
         return {"samples": samples}
+
+
+def problem(section: str, exc: BaseException) -> dict[str, Any]:
+    """A failed section or start-up as the report lists it: root causes first, then detail."""
+    detail = "".join(traceback.format_exception_only(type(exc), exc)).strip()
+    found: dict[str, Any] = {"section": section, "error": detail[-4000:]}
+    if isinstance(exc, StartupError):
+        found.update(causes=exc.causes, log=exc.log_path)
+    return found
+
+
+# At most this many A/B chunks per batch, each at least two waves of `concurrency` requests.
+MAX_CHUNKS = 8
+
+
+def chunks(requests: int, concurrency: int) -> list[int]:
+    """Sizes of the chunks a batch is split into, alternating between the two servers."""
+    count = max(1, min(MAX_CHUNKS, requests // (2 * concurrency)))
+    base, extra = divmod(requests, count)
+    return [base + (1 if i < extra else 0) for i in range(count)]
 
 
 def run(options: Options, workdir: Path, log: Log = print) -> dict[str, Any]:

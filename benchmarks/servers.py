@@ -9,6 +9,7 @@ resident memory of every process in its tree.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -31,11 +32,30 @@ PLAIN_VLLM_PLUGINS = "lora_filesystem_resolver,lora_hf_hub_resolver"
 KVCACHE_GIB = "1"
 
 
+# A log line that names an exception and its message, e.g. "RuntimeError: operator … missing".
+_EXCEPTION_LINE = re.compile(r"\b[A-Z]\w*(Error|Exception): \S")
+
+
+def root_causes(log: str, limit: int = 5) -> list[str]:
+    """The distinct exception lines of a log, first seen first (the root cause leads)."""
+    found: list[str] = []
+    for line in log.splitlines():
+        match = _EXCEPTION_LINE.search(line)
+        text = line[match.start():].strip() if match else ""
+        if text and text not in found:
+            found.append(text)
+    return found[:limit]
+
+
 class StartupError(RuntimeError):
     """A server exited or did not answer a completion within the start-up limit."""
 
-    def __init__(self, label: str, reason: str, log_tail: str) -> None:
-        super().__init__(f"{label}: {reason}\n--- last lines of its log ---\n{log_tail}")
+    def __init__(self, label: str, reason: str, log_tail: str, log_path: str = "") -> None:
+        self.causes = root_causes(log_tail)
+        self.log_path = log_path
+        causes = "".join(f"\n  {c}" for c in self.causes)
+        super().__init__(f"{label}: {reason}; exceptions in its log:{causes or ' none'}\n"
+                         f"--- last lines of its log ---\n{log_tail}")
         self.label = label
         self.reason = reason
         self.log_tail = log_tail
@@ -222,7 +242,7 @@ class Server:
         self.started_at = 0.0
         self.started_epoch = 0.0
 
-    def log_tail(self, chars: int = 4000) -> str:
+    def log_tail(self, chars: int = 20000) -> str:
         try:
             return self.log_path.read_text(errors="replace")[-chars:]
         except OSError:
@@ -241,7 +261,8 @@ class Server:
         self.sampler.start()
 
     def _fail(self, reason: str) -> StartupError:
-        return StartupError(f"{self.spec.label} ({self.spec.kind})", reason, self.log_tail())
+        return StartupError(f"{self.spec.label} ({self.spec.kind})", reason, self.log_tail(),
+                            str(self.log_path))
 
     def wait_until_serving(self, timeout_s: float, poll_s: float = 0.25) -> Startup:
         """Poll until a completion succeeds; the times are seconds since spawn."""

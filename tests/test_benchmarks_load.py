@@ -7,7 +7,7 @@ import json
 from typing import Any
 
 from aiohttp import web
-from benchmarks.load import BatchResult, prompts, run_batch
+from benchmarks.load import BatchResult, prompt, run_batch
 
 
 async def completions(request: web.Request) -> web.StreamResponse:
@@ -102,9 +102,20 @@ def test_an_answer_with_too_few_tokens_is_short() -> None:
     assert "answered 3 tokens where 4 were asked" in found["errors"][0]
 
 
-def test_prompts_are_distinct_and_of_the_asked_length() -> None:
-    texts = prompts(50, 64)
-    assert len(set(texts)) == 50 and {len(t) for t in texts} == {64}
-    assert prompts(3, 8) == prompts(3, 8)
+def test_prompts_are_distinct_repeatable_and_of_the_asked_length() -> None:
+    texts = [prompt(i, 64) for i in range(5000)]
+    assert len(set(texts)) == 5000 and {len(t) for t in texts} == {64}
+    assert prompt(7, 8) == prompt(7, 8)
+
+
+def test_chunks_merge_into_one_batch() -> None:
+    first = against_fake(model="ok", server="fake", requests=3, concurrency=1, stream=True,
+                         max_tokens=4, prompt_len=8)
+    second = against_fake(model="error500", server="fake", requests=2, concurrency=1,
+                          stream=True, max_tokens=4, prompt_len=8, first_prompt=3)
+    merged = BatchResult.merge([first, second])
+    assert merged.wall_s == first.wall_s + second.wall_s
+    assert merged.counts() == {"sent": 5, "answered": 3, "http_5xx": 2, "http_other": 0,
+                               "lost": 0, "short": 0}
 
 

@@ -108,11 +108,14 @@ def test_summary_fits_one_screen_and_names_each_result() -> None:
 def test_sections_that_did_not_run_say_so_and_problems_are_listed() -> None:
     results = {"command": COMMAND, "request_path": None, "startup": None, "memory": None,
                "load_held": None, "kernels": {"skipped": "--skip-kernels"},
-               "problems": [{"section": "request path", "error": "StartupError: plain died"}]}
+               "problems": [{"section": "request path", "error": "StartupError: plain died",
+                             "causes": ["RuntimeError: no torchvision::nms"],
+                             "log": "/tmp/x.log"}]}
     text = render_markdown(results)
     assert text.count("Not measured (see Problems).") == 4
     assert "Skipped (--skip-kernels)." in text
     assert "- **request path**:" in text and "StartupError: plain died" in text
+    assert "  - `RuntimeError: no torchvision::nms`\n  - its log: `/tmp/x.log`" in text
     assert summary_lines(results)[-1] == "PROBLEMS: 1 section(s) failed: request path."
 
 

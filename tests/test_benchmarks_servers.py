@@ -15,6 +15,7 @@ from benchmarks.servers import (
     Server,
     ServerSpec,
     StartupError,
+    root_causes,
 )
 
 ARGS = ("--enforce-eager", "--max-model-len", "1024")
@@ -64,12 +65,24 @@ def script_server(tmp_path: Path, script: str) -> Server:
 
 
 def test_a_server_that_exits_is_a_startup_error_with_its_log(tmp_path: Path) -> None:
-    server = script_server(tmp_path, "print('no kernel for you'); raise SystemExit(3)")
+    server = script_server(
+        tmp_path, "print('(EngineCore) RuntimeError: operator torchvision::nms does not exist');"
+        " print('no kernel for you'); raise SystemExit(3)")
     server.start()
     with pytest.raises(StartupError, match="exited with code 3") as caught:
         server.wait_until_serving(timeout_s=30)
     assert "no kernel for you" in caught.value.log_tail
+    assert caught.value.causes == ["RuntimeError: operator torchvision::nms does not exist"]
+    assert caught.value.log_path == str(server.log_path)
     server.stop()
+
+
+def test_root_causes_are_the_distinct_exception_lines_in_order() -> None:
+    log = ("INFO fine\n(EngineCore pid=1) ERROR ValueError: Failed to find a kernel\n"
+           "Traceback (most recent call last):\nValueError: Failed to find a kernel\n"
+           "RuntimeError: Engine core initialization failed.\n")
+    assert root_causes(log) == ["ValueError: Failed to find a kernel",
+                                "RuntimeError: Engine core initialization failed."]
 
 
 def test_stop_ends_the_whole_tree_and_memory_covers_it(tmp_path: Path) -> None:
