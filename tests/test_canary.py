@@ -1,4 +1,4 @@
-"""The canary's decisions: when it is due, what counts as evidence, and how it fails."""
+"""Liveness evidence: only tokens the engine generated count; the canary runs when there are none."""
 
 from __future__ import annotations
 
@@ -6,10 +6,15 @@ import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
+import pytest
 from prometheus_client import CollectorRegistry
 
-from gemmguard.canary import CanaryConfig, Liveness
+from gemmguard.canary import ENGINE_TOKENS, CanaryConfig, Liveness
+from gemmguard.endpoints import PLUGIN_NAME
 from gemmguard.metrics import Metrics
+from gemmguard.stat_logger import TokenStatLogger
+
+INTERVAL = 5.0
 
 
 class FakeEngine:
@@ -19,8 +24,10 @@ class FakeEngine:
         self.behaviour = behaviour
         self.errored = behaviour == "dead"
         self.aborted: list[str] = []
+        self.requests = 0
 
     async def generate(self, prompt: Any, params: Any, request_id: str) -> AsyncIterator[str]:
+        self.requests += 1
         if self.behaviour == "hang":
             await asyncio.sleep(3600)
         if self.behaviour == "dead":
@@ -34,25 +41,70 @@ class FakeEngine:
 def _liveness(behaviour: str) -> tuple[Liveness, Metrics, FakeEngine]:
     engine = FakeEngine(behaviour)
     metrics = Metrics(CollectorRegistry())
-    return Liveness(engine, CanaryConfig(interval=5, deadline=0.2), metrics), metrics, engine
+    metrics.engine_live.set(1)  # as init_state leaves it
+    config = CanaryConfig(interval=INTERVAL, deadline=0.2)
+    return Liveness(engine, config, metrics, tally=ENGINE_TOKENS), metrics, engine
 
 
-def test_due_only_after_the_interval_without_a_finished_request() -> None:
+def _engine_step(logger: Any, generated: int | None) -> None:
+    """What vLLM's output handler hands its stat loggers after one engine step."""
+    from vllm.v1.metrics.stats import IterationStats, SchedulerStats
+
+    iteration = None
+    if generated is not None:  # vLLM builds IterationStats only for a step with outputs
+        iteration = IterationStats()
+        iteration.num_generation_tokens = generated
+    logger.record(scheduler_stats=SchedulerStats(), iteration_stats=iteration,
+                  mm_cache_stats=None, engine_idx=0)
+
+
+def _vllm_adapter_of_our_logger() -> Any:
+    """vLLM's own wrapper around a per-engine stat logger factory, as its manager builds it."""
+    from vllm.v1.metrics.loggers import PerEngineStatLoggerAdapter
+
+    return PerEngineStatLoggerAdapter(vllm_config=None, engine_indexes=[0],
+                                      per_engine_stat_logger_factory=TokenStatLogger)
+
+
+def test_vllm_loads_the_stat_logger_under_the_endpoint_plugins_name(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from vllm.v1.metrics.loggers import load_stat_logger_plugin_factories
+
+    monkeypatch.setenv("VLLM_PLUGINS", PLUGIN_NAME)
+    assert TokenStatLogger in load_stat_logger_plugin_factories()
+    monkeypatch.setenv("VLLM_PLUGINS", "none")  # plain vLLM, as the benchmarks run it
+    assert TokenStatLogger not in load_stat_logger_plugin_factories()
+
+
+def test_only_steps_that_generated_tokens_are_evidence() -> None:
     liveness, _, _ = _liveness("ok")
-    now = liveness.last_ok
-    assert not liveness.due(now + 4.9)
-    assert liveness.due(now + 5.0)
-    liveness.request_started()
-    liveness.request_finished(ok=True)  # real work is evidence: the clock restarts
-    assert not liveness.due(now + 5.0)
+    logger = _vllm_adapter_of_our_logger()
+    liveness.last_ok = 0.0
+    _engine_step(logger, None)  # an abort or a stats beat: no outputs
+    _engine_step(logger, 0)  # outputs, but no new token
+    liveness.observe(now=1.0)
+    assert liveness.last_ok == 0.0
+    _engine_step(logger, 3)
+    liveness.observe(now=2.0)
+    assert liveness.last_ok == 2.0
+    liveness.observe(now=3.0)  # nothing new since the last look
+    assert liveness.last_ok == 2.0
 
 
-def test_server_errors_are_not_evidence() -> None:
-    liveness, _, _ = _liveness("ok")
-    before = liveness.last_ok
-    liveness.request_started()
-    liveness.request_finished(ok=False)
-    assert liveness.last_ok == before
+def test_no_canary_while_tokens_come_out_and_one_after_an_interval_without() -> None:
+    liveness, _, engine = _liveness("ok")
+    logger = _vllm_adapter_of_our_logger()
+    start = liveness.last_ok
+    for second in range(1, 3 * int(INTERVAL)):
+        _engine_step(logger, 1)
+        asyncio.run(liveness.step(start + second))
+    assert engine.requests == 0 and liveness.canaries_sent == 0
+    quiet_from = liveness.last_ok
+    asyncio.run(liveness.step(quiet_from + INTERVAL - 0.1))
+    assert engine.requests == 0
+    asyncio.run(liveness.step(quiet_from + INTERVAL))
+    assert engine.requests == 1 and liveness.canaries_sent == 1 and liveness.live
 
 
 def test_a_hung_engine_times_out_and_the_request_is_aborted() -> None:
@@ -64,6 +116,17 @@ def test_a_hung_engine_times_out_and_the_request_is_aborted() -> None:
     assert metrics.engine_live._value.get() == 0
 
 
+def test_tokens_from_the_engine_end_a_failure() -> None:
+    liveness, metrics, _ = _liveness("hang")
+    asyncio.run(liveness.probe())
+    assert not liveness.live
+    liveness.observe(now=liveness.last_ok + 1)  # still nothing from the engine
+    assert not liveness.live
+    _engine_step(_vllm_adapter_of_our_logger(), 1)  # the engine resumed and produced a token
+    liveness.observe(now=liveness.last_ok + 2)
+    assert liveness.live and metrics.engine_live._value.get() == 1
+
+
 def test_a_dead_engine_fails_with_its_error_then_recovers() -> None:
     liveness, metrics, engine = _liveness("dead")
     asyncio.run(liveness.probe())
@@ -72,31 +135,3 @@ def test_a_dead_engine_fails_with_its_error_then_recovers() -> None:
     engine.behaviour, engine.errored = "ok", False
     asyncio.run(liveness.probe())
     assert liveness.live and metrics.engine_live._value.get() == 1
-
-
-def test_middleware_counts_streamed_chunks_and_not_server_errors() -> None:
-    from gemmguard.canary import LivenessMiddleware
-
-    liveness, _, _ = _liveness("ok")
-
-    def app_with(status: int):  # type: ignore[no-untyped-def]
-        async def app(scope: Any, receive: Any, send: Any) -> None:
-            await send({"type": "http.response.start", "status": status})
-            for chunk in (b"data: a\n\n", b"data: b\n\n", b""):
-                await send({"type": "http.response.body", "body": chunk, "more_body": bool(chunk)})
-        return app
-
-    async def drive(status: int) -> list[float]:
-        seen: list[float] = []
-
-        async def send(message: Any) -> None:
-            seen.append(liveness.last_ok)
-
-        middleware = LivenessMiddleware(app_with(status), lambda: liveness)
-        await middleware({"type": "http", "path": "/v1/completions"}, None, send)
-        return seen
-
-    liveness.last_ok = 0.0
-    assert asyncio.run(drive(500))[-1] == 0.0  # a 5xx stream is no evidence
-    seen = asyncio.run(drive(200))
-    assert seen[1] > 0.0  # renewed at the first chunk, before the request finished

@@ -1,11 +1,13 @@
-"""Liveness that means the engine still produces tokens: a tiny generation when idle.
+"""Liveness that means the engine still produces tokens: evidence from the engine's own output.
 
-vLLM's /health only says the API server answers; an engine core that died or hangs can leave
-it at 200 for hours. The canary sends one greedy 1-token request through the engine when no
-real request has finished for `interval` seconds; real requests finishing are evidence
-enough (and so is every streamed chunk of a 2xx response, so long generations count while
-they run), so under load nothing is sent. A canary that does not finish within `deadline`
-seconds, or fails, turns liveness off until the next success.
+vLLM's /health only says the API server answers; an engine core that died or hangs can leave it
+at 200 for hours, and any HTTP answer (a model list, a 4xx) can come from the API server alone.
+So the only evidence taken here is tokens the engine generated: vLLM's output handler gives each
+batch of engine outputs to its stat loggers, and gemmguard's (`gemmguard.stat_logger`) adds the
+batch's new tokens to this process's `ENGINE_TOKENS`. Once per tick the canary loop looks at
+that tally; if it grew, the engine is live. When it has not grown for `interval` seconds, one
+greedy 1-token request is sent. A canary that does not finish within `deadline` seconds, or
+fails, turns liveness off until the engine produces tokens again. Nothing here runs per request.
 """
 
 from __future__ import annotations
@@ -32,31 +34,40 @@ class CanaryConfig:
     prompt: str = "Hi"
 
 
+class TokenTally:
+    """Tokens the engine generated for this API server process, counted once per engine step."""
+
+    __slots__ = ("tokens", "loggers")
+
+    def __init__(self) -> None:
+        self.tokens = 0
+        # gemmguard stat loggers vLLM built in this process: 0 means no evidence will come.
+        self.loggers = 0
+
+
+# One per process: vLLM builds the stat logger, gemmguard's endpoint plugin reads it.
+ENGINE_TOKENS = TokenTally()
+
+
 class Liveness:
     """The latest evidence that the engine produces tokens, and the canary loop that renews it."""
 
-    def __init__(self, engine_client: Any, config: CanaryConfig, metrics: Any = None) -> None:
+    def __init__(
+        self,
+        engine_client: Any,
+        config: CanaryConfig,
+        metrics: Any = None,
+        tally: TokenTally = ENGINE_TOKENS,
+    ) -> None:
         self.engine_client = engine_client
         self.config = config
         self.metrics = metrics
+        self.tally = tally
+        self._tokens_seen = tally.tokens
         self.last_ok = time.monotonic()  # the start-up self-check just ran through the engine
         self.failure: str | None = None
         self.canaries_sent = 0
-        self._in_flight = 0
         self._task: asyncio.Task[None] | None = None
-
-    # --- evidence from real requests ------------------------------------------------------
-    def request_started(self) -> None:
-        self._in_flight += 1
-
-    def request_finished(self, ok: bool) -> None:
-        self._in_flight -= 1
-        if ok:
-            self._succeeded()
-
-    def request_progressed(self) -> None:
-        """A real request sent output: the engine is producing tokens."""
-        self._succeeded()
 
     # --- state ------------------------------------------------------------------------------
     @property
@@ -66,13 +77,20 @@ class Liveness:
     def reason(self) -> str:
         return self.failure or "ok"
 
-    def _succeeded(self) -> None:
-        self.last_ok = time.monotonic()
+    def observe(self, now: float) -> None:
+        """Renew liveness if the engine generated tokens since the last look."""
+        tokens = self.tally.tokens
+        if tokens != self._tokens_seen:
+            self._tokens_seen = tokens
+            self._succeeded(now)
+
+    def _succeeded(self, now: float) -> None:
+        self.last_ok = now
         if self.failure is not None:
             logger.info("gemmguard: engine live again after: %s", self.failure)
-        self.failure = None
-        if self.metrics is not None:
-            self.metrics.engine_live.set(1)
+            self.failure = None
+            if self.metrics is not None:
+                self.metrics.engine_live.set(1)
 
     def _failed(self, reason: str, detail: str) -> None:
         if self.failure is None:
@@ -84,7 +102,7 @@ class Liveness:
 
     # --- the canary -------------------------------------------------------------------------
     def due(self, now: float) -> bool:
-        """A canary is due when nothing has finished successfully for `interval` seconds."""
+        """A canary is due when the engine has generated nothing for `interval` seconds."""
         return now - self.last_ok >= self.config.interval
 
     async def probe(self) -> None:
@@ -111,9 +129,10 @@ class Liveness:
             self._failed("engine_dead" if dead else "error",
                          f"canary failed: {type(exc).__name__}: {exc}")
             return
+        now = time.monotonic()
         if self.metrics is not None:
-            self.metrics.canary_latency.observe(time.monotonic() - start)
-        self._succeeded()
+            self.metrics.canary_latency.observe(now - start)
+        self._succeeded(now)
 
     async def _abort(self, request_id: str) -> None:
         try:
@@ -121,45 +140,27 @@ class Liveness:
         except Exception:  # a hung engine may not take the abort either
             pass
 
+    async def step(self, now: float) -> None:
+        """Take the engine's new tokens as evidence; without any for `interval`, send a canary."""
+        self.observe(now)
+        if self.due(now):
+            await self.probe()
+
     async def run(self, tick: float = 1.0) -> None:
-        """Check once per `tick`; send a canary when one is due and none is running."""
+        """One step per `tick`, for as long as the server runs."""
         while True:
             await asyncio.sleep(tick)
-            if self.due(time.monotonic()):
-                await self.probe()
+            await self.step(time.monotonic())
 
     def start(self) -> None:
-        if self.config.enabled and self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self.run())
-
-
-class LivenessMiddleware:
-    """ASGI middleware: /v1/ output is evidence the engine works (5xx is not).
-
-    Each body chunk of a 2xx response counts, so a stream renews liveness token by token.
-    """
-
-    def __init__(self, app: Any, liveness_of: Any) -> None:
-        self.app = app
-        self.liveness_of = liveness_of
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        liveness = self.liveness_of()
-        if scope["type"] != "http" or not scope["path"].startswith("/v1/") or liveness is None:
-            await self.app(scope, receive, send)
+        if not self.config.enabled or self._task is not None:
             return
-        status = [500]
-
-        async def watch(message: Any) -> None:
-            if message["type"] == "http.response.start":
-                status[0] = message["status"]
-            elif message["type"] == "http.response.body" and status[0] < 300 \
-                    and message.get("body"):
-                liveness.request_progressed()
-            await send(message)
-
-        liveness.request_started()
-        try:
-            await self.app(scope, receive, watch)
-        finally:
-            liveness.request_finished(ok=status[0] < 500)
+        if self.tally.loggers == 0:
+            logger.warning(
+                "gemmguard: vLLM built no gemmguard stat logger in this API server, so the "
+                "engine's tokens are not seen and a canary is sent every %gs even under load. Name "
+                "'gemmguard_api' in VLLM_PLUGINS (`gemmguard serve` does) and check that "
+                "`pip show gemmguard` lists its vllm.stat_logger_plugins entry point.",
+                self.config.interval,
+            )
+        self._task = asyncio.get_running_loop().create_task(self.run())

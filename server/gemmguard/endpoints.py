@@ -18,7 +18,7 @@ from fastapi.responses import JSONResponse
 import gemmguard
 from gemmguard import vllm_adapter
 from gemmguard.build import build_info
-from gemmguard.canary import CanaryConfig, Liveness, LivenessMiddleware
+from gemmguard.canary import CanaryConfig, Liveness
 from gemmguard.config import settings
 from gemmguard.errors import SelfcheckFailed
 from gemmguard.metrics import process_metrics
@@ -48,11 +48,6 @@ class GemmguardState:
 
 def _state(request: Request) -> GemmguardState | None:
     return getattr(request.app.state, "gemmguard", None)
-
-
-def _liveness(app: FastAPI) -> Liveness | None:
-    state = getattr(app.state, "gemmguard", None)
-    return state.liveness if state is not None else None
 
 
 def _not_ready(reason: str) -> JSONResponse:
@@ -134,9 +129,9 @@ class GemmguardEndpoints:
     required_tasks = None
 
     def attach_router(self, app: FastAPI) -> None:
+        # No middleware: liveness takes its evidence from the engine's tokens
+        # (gemmguard.stat_logger), so nothing of gemmguard runs per request.
         app.include_router(router)
-        # Finished real requests renew liveness, so no canary is sent under load.
-        app.add_middleware(LivenessMiddleware, liveness_of=lambda: _liveness(app))
 
     async def init_state(self, engine_client: Any, state: Any, args: Namespace) -> None:
         gg = GemmguardState(engine_client=engine_client)
