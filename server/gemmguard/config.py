@@ -127,6 +127,18 @@ class Settings:
     def test_kernels(self) -> tuple[str, ...]:
         return self.get("TEST_KERNELS", _test_kernels, ())
 
+    # Directory whose counters outlive the process (canary failures, restarts, refusals); the
+    # chart mounts a pod-lifetime emptyDir there. Default: none, counters start at 0.
+    @property
+    def state_dir(self) -> Path | None:
+        return self.get("STATE_DIR", Path, None)
+
+    # Seconds `gemmguard serve` keeps answering /metrics and the report after the self-check
+    # refused to serve, before it exits 3 (default 0: exit at once).
+    @property
+    def selfcheck_refusal_linger(self) -> float:
+        return self.get("SELFCHECK_REFUSAL_LINGER", _seconds, 0.0)
+
 
 def _seconds(value: str) -> float:
     seconds = float(value)

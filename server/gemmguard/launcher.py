@@ -23,7 +23,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from gemmguard import vllm_adapter
+from gemmguard import refusal, vllm_adapter
 from gemmguard.config import POLICIES, PREFIX, settings
 from gemmguard.demo.store import DEMO_SERVED_NAME, demo_model_path, ensure_demo_model
 from gemmguard.endpoints import PLUGIN_NAME
@@ -110,6 +110,11 @@ def add_serve_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--no-canary", action="store_true",
         help="Send no canary; /gemmguard/live then follows real requests only. Default: on.",
+    )
+    parser.add_argument(
+        "--selfcheck-refusal-linger", type=float, default=None, metavar="SECONDS",
+        help="Seconds to keep serving /metrics and the self-check report on the server's port "
+        "after the self-check refused to serve, before exiting 3. Default: 0.",
     )
     parser.add_argument(
         "--no-per-layer-metrics",
@@ -214,9 +219,11 @@ def plan_serve(argv: list[str], environ: dict[str, str] | None = None) -> ServeP
         env[PREFIX + "PER_LAYER_METRICS"] = "0"
     if opts.selfcheck_policy:
         env[PREFIX + "SELFCHECK_POLICY"] = opts.selfcheck_policy
-    for option in ("canary_interval", "canary_deadline", "canary_prompt"):
+    for option in ("canary_interval", "canary_deadline", "canary_prompt",
+                   "selfcheck_refusal_linger"):
         if getattr(opts, option) is not None:
             env[PREFIX + option.upper()] = str(getattr(opts, option))
+    _ = settings(env).selfcheck_refusal_linger  # a bad value fails now, not after a failed start
     if opts.no_canary:
         env[PREFIX + "CANARY_INTERVAL"] = "0"
     demo_scheme = opts.demo_scheme if is_demo else None
@@ -318,6 +325,8 @@ def run(plan: ServePlan) -> int:
             report = read_report(str(second))
         if code != 0 and report and report["action"] == "fail":
             print(report["summary"], file=sys.stderr, flush=True)
+            # Keep the report on /metrics for Prometheus before exiting (refusal.py).
+            refusal.linger(report, plan.host, plan.port, settings(env))
             return EXIT_SELFCHECK_FAILED
     return code
 

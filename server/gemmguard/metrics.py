@@ -9,11 +9,16 @@ counters, which that mode sums over processes, are published by API server 0 onl
 from __future__ import annotations
 
 import re
+import statistics
 from collections import Counter as Tally
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 from typing import Any
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
+
+from gemmguard.config import settings
+from gemmguard.counter_store import CounterStore, PersistedCounter
 
 BUILD_LABELS = ("version", "vllm_version", "torch_version", "platform", "device")
 LAYER_LABELS = ("layer", "layer_type", "scheme", "kernel", "rank")
@@ -21,6 +26,9 @@ AGGREGATE_LABELS = ("kernel", "scheme", "layer_type")
 FALLBACK_LABELS = ("layer_type", "scheme", "preferred", "chosen", "reason")
 # Reasons are vLLM's own sentences; long ones are cut so a label stays readable and bounded.
 MAX_LABEL_CHARS = 160
+# Every reason canary.py counts a failure under. Each series exists at 0 from the start, so the
+# first failure is an increase Prometheus can see (a series born at 1 shows no increase()).
+CANARY_REASONS = ("timeout", "engine_dead", "error")
 
 
 def bounded_label(value: object, limit: int = MAX_LABEL_CHARS) -> str:
@@ -32,7 +40,11 @@ def bounded_label(value: object, limit: int = MAX_LABEL_CHARS) -> str:
 class Metrics:
     """The gemmguard metric families of one API-server process."""
 
-    def __init__(self, registry: CollectorRegistry | None = REGISTRY) -> None:
+    def __init__(self, registry: CollectorRegistry | None = REGISTRY,
+                 state_dir: Path | None = None) -> None:
+        """`state_dir` (GEMMGUARD_STATE_DIR) keeps the liveness counters across restarts."""
+        store = CounterStore(state_dir) if state_dir is not None else None
+
         def gauge(name: str, doc: str, labels: Iterable[str] = ()) -> Gauge:
             return Gauge(name, doc, tuple(labels), multiprocess_mode="mostrecent",
                          registry=registry)
@@ -62,12 +74,30 @@ class Metrics:
 
         self.selfcheck_passed = gauge(
             "gemmguard_selfcheck_passed",
-            "1 when every layer passed the start-up self-check, else 0.",
+            "1 when no checked layer runs a degraded or broken kernel, else 0 "
+            "(see gemmguard_selfcheck_complete for layers that were not checked).",
+        )
+        self.selfcheck_complete = gauge(
+            "gemmguard_selfcheck_complete",
+            "1 when every GEMM-owning layer was checked, 0 when some are unchecked.",
         )
         self.selfcheck_layers = gauge(
             "gemmguard_selfcheck_layers",
-            "Layers per self-check result (pass, degraded, broken).",
+            "Layers per self-check result of the kernel they serve with "
+            "(pass, degraded, broken, unchecked).",
             ("result",),
+        )
+        self.selfcheck_rejected_layers = gauge(
+            "gemmguard_selfcheck_rejected_layers",
+            "Layers whose kernel the self-check rejected at load, by rejected kernel and its "
+            "verdict (the layer then serves on a replacement, or start-up refused).",
+            ("kernel", "result"),
+        )
+        self.selfcheck_replacement_cost = gauge(
+            "gemmguard_selfcheck_replacement_cost_ratio",
+            "Time of the replacement kernel over the rejected one on the layer's shape "
+            "(median over the layers replaced by this pair).",
+            ("rejected", "replacement"),
         )
         self.selfcheck_duration = gauge(
             "gemmguard_selfcheck_duration_seconds",
@@ -94,12 +124,28 @@ class Metrics:
             buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
             registry=registry,
         )
-        self.canary_failures = Counter(
+        # Liveness counters outlive the process (counter_store.py): the failures that get a
+        # container restarted must still show, and alert, after the restart.
+        self.canary_failures = PersistedCounter(
             "gemmguard_canary_failures_total",
-            "Canary generations that failed, by reason (timeout, engine_dead, error).",
+            "Canary generations that failed, by reason (timeout, engine_dead, error); kept "
+            "across restarts of the server in GEMMGUARD_STATE_DIR.",
             ("reason",),
-            registry=registry,
+            registry=registry, store=store,
         )
+        for reason in CANARY_REASONS:
+            self.canary_failures.labels(reason)
+        self.server_restarts = PersistedCounter(
+            "gemmguard_server_restarts_total",
+            "Times the server came up again with the same GEMMGUARD_STATE_DIR (in the chart: "
+            "container restarts within one pod, after a crash, an OOM kill or a liveness kill).",
+            registry=registry, store=store,
+        )
+        if store is not None and store.claim():
+            self.canary_failures.restore()
+            self.server_restarts.restore()
+            if store.add("starts", (), 1) > 1:
+                self.server_restarts.inc()
 
     def publish_fixes(self, report: Iterable[Mapping[str, str]]) -> None:
         """One series per fix, value 1, its state as a label."""
@@ -110,17 +156,32 @@ class Metrics:
     def publish_selfcheck(self, outcome: Any, *, per_layer: bool = True) -> None:
         """Export a self-check outcome (selfcheck.policy.Outcome)."""
         self.selfcheck_passed.set(1 if outcome.passed else 0)
+        self.selfcheck_complete.set(1 if outcome.complete else 0)
         for result, count in outcome.counts().items():
             self.selfcheck_layers.labels(result).set(count)
         self.selfcheck_duration.set(outcome.seconds())
+        rejected: Tally[tuple[str, str]] = Tally()
+        costs: dict[tuple[str, str], list[float]] = {}
+        for item in outcome.replacements():
+            rejected[(bounded_label(item["rejected"]), item["rejected_verdict"])] += 1
+            if item.get("kernel") and item.get("cost_ratio") is not None:
+                pair = (bounded_label(item["rejected"]), bounded_label(item["kernel"]))
+                costs.setdefault(pair, []).append(float(item["cost_ratio"]))
+        self.selfcheck_rejected_layers.clear()
+        for (kernel, result), count in rejected.items():
+            self.selfcheck_rejected_layers.labels(kernel, result).set(count)
+        self.selfcheck_replacement_cost.clear()
+        for pair, ratios in costs.items():
+            self.selfcheck_replacement_cost.labels(*pair).set(statistics.median(ratios))
         self.selfcheck_excess_bits.clear()
         if per_layer:
             for layer in outcome.layers:
-                excess = layer["excess_bits"]
-                value = float(excess) if not isinstance(excess, str) else float("inf")
+                # Unchecked layers and non-finite measurements have no number to export.
+                if layer["excess_bits"] is None:
+                    continue
                 self.selfcheck_excess_bits.labels(
                     bounded_label(layer["layer"]), bounded_label(layer["kernel"])
-                ).set(value)
+                ).set(float(layer["excess_bits"]))
 
     def publish_build(self, info: Mapping[str, Any]) -> None:
         """Set gemmguard_build_info from one process's build info."""
@@ -162,5 +223,5 @@ def process_metrics() -> Metrics:
     """The metric families registered on the global registry, created once per process."""
     global _PROCESS_METRICS
     if _PROCESS_METRICS is None:
-        _PROCESS_METRICS = Metrics()
+        _PROCESS_METRICS = Metrics(state_dir=settings().state_dir)
     return _PROCESS_METRICS

@@ -1,0 +1,241 @@
+"""What `gemmguard serve` shows while it refuses to serve: the self-check report, for Prometheus.
+
+Under `--selfcheck-policy fail` the engine stops before vLLM's server ever answers, so the pod's
+/metrics, where Prometheus would learn why, never exists, and the report dies with the container.
+For `--selfcheck-refusal-linger` seconds the supervisor serves on the server's own host and port:
+
+    GET /metrics                  gemmguard_selfcheck_* from the report, gemmguard_build_info and
+                                  gemmguard_selfcheck_refusals_total (kept in GEMMGUARD_STATE_DIR)
+    GET /gemmguard/v1/selfcheck   the report itself
+    GET /gemmguard/ready, /live   503 with the report's summary
+    anything else                 404
+
+and nothing else: no OpenAI API, no /health. Then it exits 3 and the kubelet's restart repeats the
+check. In a pod the linger never trips the liveness probe: the kubelet starts that only after the
+start-up probe (/gemmguard/ready, 503 here) succeeded.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import signal
+import socket
+import sys
+import threading
+from collections import Counter as Tally
+from collections.abc import Iterator, Mapping
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.exposition import choose_encoder
+
+from gemmguard.config import Settings
+from gemmguard.counter_store import CounterStore, PersistedCounter
+from gemmguard.metrics import BUILD_LABELS, bounded_label
+
+logger = logging.getLogger("gemmguard.refusal")
+
+REFUSALS = "gemmguard_selfcheck_refusals_total"
+# Verdicts for which the self-check rejects a layer's kernel (selfcheck/policy.py).
+REJECTED = ("degraded", "broken")
+
+
+def _layers(report: Mapping[str, Any]) -> Iterator[Mapping[str, Any]]:
+    for rank in report.get("ranks") or ():
+        yield from rank.get("layers") or ()
+
+
+def _finite(value: Any) -> float | None:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
+
+
+class ReportCollector:
+    """The self-check's series, as the serving server exports them, from its report dict."""
+
+    def __init__(self, report: Mapping[str, Any], build: Mapping[str, str] | None,
+                 per_layer: bool = True) -> None:
+        self.report = report
+        self.build = build
+        self.per_layer = per_layer
+
+    def collect(self) -> Iterator[Metric]:
+        report = self.report
+        yield GaugeMetricFamily(
+            "gemmguard_selfcheck_passed",
+            "1 when every layer passed the start-up self-check, else 0.",
+            value=1 if report.get("passed") else 0,
+        )
+        if report.get("complete") is not None:
+            yield GaugeMetricFamily(
+                "gemmguard_selfcheck_complete",
+                "1 when the self-check checked every GEMM-owning layer, else 0.",
+                value=1 if report["complete"] else 0,
+            )
+        layers = GaugeMetricFamily(
+            "gemmguard_selfcheck_layers", "Layers per self-check result.", labels=["result"]
+        )
+        for result, count in (report.get("counts") or {}).items():
+            layers.add_metric([str(result)], float(count))
+        yield layers
+        duration = _finite(report.get("duration_seconds"))
+        if duration is not None:
+            yield GaugeMetricFamily(
+                "gemmguard_selfcheck_duration_seconds",
+                "Seconds the start-up self-check took on the slowest rank.",
+                value=duration,
+            )
+        rejected = GaugeMetricFamily(
+            "gemmguard_selfcheck_rejected_layers",
+            "Layers whose kernel the self-check rejected, by rejected kernel and its verdict.",
+            labels=["kernel", "result"],
+        )
+        tally = Tally(
+            (bounded_label(row.get("kernel", "")), str(row.get("verdict")))
+            for row in _layers(report) if row.get("verdict") in REJECTED
+        )
+        for (kernel, result), count in sorted(tally.items()):
+            rejected.add_metric([kernel, result], count)
+        yield rejected
+        if self.per_layer:
+            excess = GaugeMetricFamily(
+                "gemmguard_selfcheck_excess_bits",
+                "Bits a layer's kernel loses against what its quantization scheme allows.",
+                labels=["layer", "kernel"],
+            )
+            for row in _layers(report):
+                bits = _finite(row.get("excess_bits"))
+                if bits is not None:  # never NaN/Inf on /metrics
+                    excess.add_metric(
+                        [bounded_label(row.get("layer", "")), bounded_label(row.get("kernel", ""))],
+                        bits,
+                    )
+            yield excess
+        if self.build is not None:
+            info = GaugeMetricFamily(
+                "gemmguard_build_info",
+                "gemmguard, vLLM and torch versions, platform and device (always 1).",
+                labels=list(BUILD_LABELS),
+            )
+            info.add_metric([str(self.build.get(label, "")) for label in BUILD_LABELS], 1)
+            yield info
+
+
+def refusal_registry(report: Mapping[str, Any], settings: Settings,
+                     build: Mapping[str, str] | None = None) -> CollectorRegistry:
+    """A registry with the report's series and the refusal counter, counted once more."""
+    registry = CollectorRegistry()
+    registry.register(ReportCollector(report, build, settings.per_layer_metrics))
+    state = settings.state_dir
+    refusals = PersistedCounter(
+        REFUSALS,
+        "Times the server refused to serve because its kernels failed the self-check; kept "
+        "across container restarts in GEMMGUARD_STATE_DIR.",
+        registry=registry,
+        store=CounterStore(state) if state is not None else None,
+    )
+    refusals.restore()
+    refusals.inc()
+    return registry
+
+
+def _json(handler: BaseHTTPRequestHandler, status: int, body: Any) -> None:
+    data = json.dumps(body).encode()
+    handler.send_response(status)
+    handler.send_header("Content-Type", "application/json")
+    handler.send_header("Content-Length", str(len(data)))
+    handler.end_headers()
+    handler.wfile.write(data)
+
+
+def _handler(registry: CollectorRegistry, report: Mapping[str, Any]) -> type:
+    summary = str(report.get("summary") or "the start-up self-check failed")
+    reason = f"refusing to serve: {summary}"
+
+    class RefusalHandler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+            path = self.path.split("?", 1)[0]
+            if path == "/metrics":
+                encoder, content_type = choose_encoder(self.headers.get("Accept"))
+                data = encoder(registry)
+                self.send_response(200)
+                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+            elif path == "/gemmguard/v1/selfcheck":
+                _json(self, 200, report)
+            elif path == "/gemmguard/ready":
+                _json(self, 503, {"ready": False, "reason": reason})
+            elif path == "/gemmguard/live":
+                _json(self, 503, {"live": False, "reason": reason})
+            else:
+                _json(self, 404, {"error": f"{path} is not served while gemmguard refuses to "
+                                  "serve; /metrics and /gemmguard/v1/selfcheck are."})
+
+        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+            pass  # probes every few seconds would drown the report in the log
+
+    return RefusalHandler
+
+
+def _http_server(host: str | None, port: int, handler: type) -> ThreadingHTTPServer:
+    bind = host if host not in (None, "") else "0.0.0.0"
+    server_cls = ThreadingHTTPServer
+    if ":" in bind:
+        server_cls = type("ThreadingHTTPServerV6", (ThreadingHTTPServer,),
+                          {"address_family": socket.AF_INET6})
+    return server_cls((bind, port), handler)
+
+
+def _build_info() -> dict[str, str] | None:
+    try:
+        from gemmguard.build import build_info
+
+        return build_info()
+    except Exception as exc:  # the report matters more than the version labels
+        logger.warning("gemmguard: no build info for the refusal's /metrics: %r", exc)
+        return None
+
+
+def linger(report: Mapping[str, Any], host: str | None, port: int, settings: Settings,
+           stop: threading.Event | None = None) -> None:
+    """Serve the refusal for settings.selfcheck_refusal_linger seconds, or until SIGTERM/SIGINT.
+
+    `stop` ends it early too (tests). Returns at once when the linger is 0.
+    """
+    seconds = settings.selfcheck_refusal_linger
+    if seconds <= 0:
+        return
+    registry = refusal_registry(report, settings, _build_info())
+    try:
+        server = _http_server(host, port, _handler(registry, report))
+    except OSError as exc:
+        print(f"gemmguard: cannot serve the self-check report on {host or '*'}:{port} "
+              f"({exc.strerror}); exiting without the refusal linger.", file=sys.stderr,
+              flush=True)
+        return
+    stop = stop or threading.Event()
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            previous[signum] = signal.signal(signum, lambda *_: stop.set())
+    thread = threading.Thread(target=server.serve_forever, name="gemmguard-refusal", daemon=True)
+    thread.start()
+    print(f"gemmguard: refusing to serve. /metrics and /gemmguard/v1/selfcheck stay up on "
+          f"{host or '*'}:{port} for {seconds:g} s (--selfcheck-refusal-linger), then the "
+          "server exits 3.", file=sys.stderr, flush=True)
+    try:
+        stop.wait(seconds)
+    finally:
+        server.shutdown()
+        server.server_close()
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
