@@ -42,12 +42,17 @@ def _kernels(args: argparse.Namespace) -> int:
 
 def _selfcheck(args: argparse.Namespace) -> int:
     import json
+    import os
 
+    from gemmguard.config import PREFIX
     from gemmguard.offline import start_engine
     from gemmguard.selfcheck.policy import Outcome, summary
 
+    # The engine's processes read the policy at load, from the environment they inherit.
+    os.environ[PREFIX + "SELFCHECK_POLICY"] = args.policy
+    os.environ[PREFIX + "SELFCHECK_UNCHECKED"] = "allow"
     engine = start_engine(args.model, args.vllm_args, args.deny_kernel)
-    outcome = Outcome(policy="fail", ranks=engine.collective_rpc("gemmguard_selfcheck"))
+    outcome = Outcome(args.policy, engine.collective_rpc("gemmguard_selfcheck"), "allow")
     print(json.dumps(outcome.as_dict(), indent=2) if args.json else summary(outcome))
     return 0 if outcome.passed else 1
 
@@ -136,6 +141,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     selfcheck.add_argument("model", help="Checkpoint folder or Hugging Face model id.")
     selfcheck.add_argument("--json", action="store_true", help="Print the full JSON report.")
+    selfcheck.add_argument(
+        "--policy", choices=("warn", "fallback"), default="warn",
+        help="warn: report the kernels vLLM chose; fallback: also replace failing ones in "
+        "place and report the replacements. Default: warn.")
     add_deny_option(selfcheck)
     selfcheck.set_defaults(handler=_selfcheck)
 

@@ -70,25 +70,21 @@ class Settings:
         return self.get("PER_LAYER_METRICS", _bool, True)
 
 
-    # Kernel class names the self-check turned down; denied with the reason "selfcheck".
-    @property
-    def selfcheck_denied(self) -> tuple[str, ...]:
-        return self.get("SELFCHECK_DENIED", _csv, ())
-
-    # What a failing self-check does: warn, fallback (restart once without the kernel) or fail.
+    # What a failing self-check does: warn (serve and report), fallback (replace the layer's
+    # kernel in place with the fastest passing candidate) or fail (refuse to start).
     @property
     def selfcheck_policy(self) -> str:
-        return self.get("SELFCHECK_POLICY", _policy, "fallback")
+        return self.get("SELFCHECK_POLICY", _choice(POLICIES), "fallback")
 
-    # Where the server writes a failing self-check's report for `gemmguard serve` to act on.
+    # What an incomplete self-check (layers it cannot check) does: allow, warn or fail.
+    @property
+    def selfcheck_unchecked(self) -> str:
+        return self.get("SELFCHECK_UNCHECKED", _choice(UNCHECKED_POLICIES), "warn")
+
+    # Where a refusing engine leaves its report for `gemmguard serve` (set by it; default none).
     @property
     def selfcheck_report_file(self) -> str:
         return self.get("SELFCHECK_REPORT_FILE", str, "")
-
-    # The report of the failed check that led to this restart (a file path; default none).
-    @property
-    def selfcheck_previous(self) -> str:
-        return self.get("SELFCHECK_PREVIOUS", str, "")
 
     # Seconds without a finished request before a canary generation is sent (0: no canary).
     @property
@@ -148,12 +144,16 @@ def _seconds(value: str) -> float:
 
 
 POLICIES = ("warn", "fallback", "fail")
+UNCHECKED_POLICIES = ("allow", "warn", "fail")
 
 
-def _policy(value: str) -> str:
-    if value not in POLICIES:
-        raise ValueError(f"expected one of {', '.join(POLICIES)}")
-    return value
+def _choice(choices: tuple[str, ...]) -> Callable[[str], str]:
+    def cast(value: str) -> str:
+        if value not in choices:
+            raise ValueError(f"expected one of {', '.join(choices)}")
+        return value
+
+    return cast
 
 
 def _test_kernels(value: str) -> tuple[str, ...]:

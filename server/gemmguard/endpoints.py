@@ -20,9 +20,8 @@ from gemmguard import vllm_adapter
 from gemmguard.build import build_info
 from gemmguard.canary import CanaryConfig, Liveness
 from gemmguard.config import settings
-from gemmguard.errors import SelfcheckFailed
 from gemmguard.metrics import process_metrics
-from gemmguard.selfcheck.policy import Outcome, read_report, summary, write_report
+from gemmguard.selfcheck.policy import Outcome, summary
 
 # A child of vLLM's logger, so gemmguard's lines use vLLM's handler and format.
 logger = logging.getLogger("vllm.gemmguard")
@@ -117,7 +116,8 @@ async def get_ready(request: Request) -> JSONResponse:
         return _not_ready(state.selfcheck.as_dict()["summary"])
     if state.liveness is not None and not state.liveness.live:
         return _not_ready(f"engine not live: {state.liveness.reason()}")
-    body: dict[str, Any] = {"ready": True, "selfcheck_passed": state.selfcheck.passed}
+    body: dict[str, Any] = {"ready": True, "selfcheck_passed": state.selfcheck.passed,
+                            "selfcheck_complete": state.selfcheck.complete}
     return JSONResponse(body)
 
 
@@ -152,22 +152,16 @@ class GemmguardEndpoints:
             # Counters are summed over API servers in multiprocess mode: count them once.
             count_fallbacks=vllm_adapter.api_server_index(engine_client) == 0,
         )
-        gg.selfcheck = Outcome(
-            policy=cfg.selfcheck_policy,
-            ranks=list(await engine_client.collective_rpc("gemmguard_selfcheck")),
-            previous=read_report(cfg.selfcheck_previous) if cfg.selfcheck_previous else None,
-            denied_by_selfcheck=list(cfg.selfcheck_denied),
-        )
+        # The engine checked (and, by policy, replaced) every layer at load; a refusing engine
+        # never gets here. The API server only publishes what the ranks report.
+        gg.selfcheck = Outcome(cfg.selfcheck_policy,
+                               list(await engine_client.collective_rpc("gemmguard_selfcheck")),
+                               cfg.selfcheck_unchecked)
         metrics.publish_selfcheck(gg.selfcheck, per_layer=cfg.per_layer_metrics)
         report = summary(gg.selfcheck)
-        if gg.selfcheck.previous:
-            logger.warning("gemmguard: restarted after a failed self-check with %s denied "
-                           "(reason 'selfcheck').", ", ".join(cfg.selfcheck_denied))
-        if gg.selfcheck.action in ("fallback", "fail"):
-            write_report(cfg.selfcheck_report_file, gg.selfcheck)
-            logger.error("%s", report)
-            raise SelfcheckFailed(report)
-        (logger.info if gg.selfcheck.passed else logger.warning)("%s", report)
+        quiet = gg.selfcheck.passed and (gg.selfcheck.complete
+                                         or cfg.selfcheck_unchecked == "allow")
+        (logger.info if quiet else logger.warning)("%s", report)
         gg.liveness = Liveness(engine_client, CanaryConfig(
             enabled=cfg.canary_interval > 0, interval=cfg.canary_interval,
             deadline=cfg.canary_deadline, prompt=cfg.canary_prompt), metrics)

@@ -2,7 +2,7 @@
 
 The server runs in a child process (`gemmguard.apiserver`); this process stays as its
 supervisor so that it can forward signals, tell the user how to reach the server, and
-restart the engine when a start-up check asks for it.
+turn a refusing self-check's report into exit code 3.
 """
 
 from __future__ import annotations
@@ -22,13 +22,13 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from gemmguard import refusal, vllm_adapter
-from gemmguard.config import POLICIES, PREFIX, settings
+from gemmguard.config import POLICIES, PREFIX, UNCHECKED_POLICIES, settings
 from gemmguard.demo.store import DEMO_SERVED_NAME, demo_model_path, ensure_demo_model
 from gemmguard.endpoints import PLUGIN_NAME
 from gemmguard.errors import ServeError, UsageError
-from gemmguard.selfcheck.policy import read_report
 from gemmguard.worker import EXTENSION_CLS
 
 GENERAL_PLUGIN = "gemmguard"
@@ -92,8 +92,15 @@ def add_serve_options(parser: argparse.ArgumentParser) -> None:
         choices=POLICIES,
         default=None,
         help="What a failing start-up self-check does: warn (serve and alert), fallback "
-        "(restart once without the failing kernels), fail (exit with a report). "
-        "Default: fallback.",
+        "(replace the layer's kernel in place with the fastest passing candidate), fail "
+        "(exit 3 with a report). Default: fallback.",
+    )
+    parser.add_argument(
+        "--selfcheck-unchecked",
+        choices=UNCHECKED_POLICIES,
+        default=None,
+        help="What an incomplete self-check (layers it cannot check) does: allow, warn "
+        "(serve and report them), fail (exit 3 listing them). Default: warn.",
     )
     parser.add_argument(
         "--canary-interval", type=float, default=None, metavar="SECONDS",
@@ -219,6 +226,8 @@ def plan_serve(argv: list[str], environ: dict[str, str] | None = None) -> ServeP
         env[PREFIX + "PER_LAYER_METRICS"] = "0"
     if opts.selfcheck_policy:
         env[PREFIX + "SELFCHECK_POLICY"] = opts.selfcheck_policy
+    if opts.selfcheck_unchecked:
+        env[PREFIX + "SELFCHECK_UNCHECKED"] = opts.selfcheck_unchecked
     for option in ("canary_interval", "canary_deadline", "canary_prompt",
                    "selfcheck_refusal_linger"):
         if getattr(opts, option) is not None:
@@ -301,32 +310,38 @@ def _run_once(plan: ServePlan, env: dict[str, str]) -> int:
     return child.wait()
 
 
-# Exit code when the self-check refuses to serve (policy fail, or fallback that did not help).
+# Exit code when the self-check refuses to serve (see selfcheck.load_check).
 EXIT_SELFCHECK_FAILED = 3
 
 
+def refusal_report(report_file: Path) -> dict[str, Any] | None:
+    """The report a refusing engine left (one file per rank), merged; None if none refused."""
+    from gemmguard.selfcheck.policy import Outcome
+
+    ranks: list[dict[str, Any]] = []
+    policy, unchecked = "fallback", "warn"
+    for path in sorted(report_file.parent.glob(report_file.name + ".rank*")):
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        policy, unchecked = data["policy"], data["unchecked_policy"]
+        ranks.extend(data["ranks"])
+    return Outcome(policy, ranks, unchecked).as_dict() if ranks else None
+
+
 def run(plan: ServePlan) -> int:
-    """Run the server; restart it once without failing kernels when the self-check asks."""
+    """Run the server; exit 3 with the report when the self-check refuses to serve."""
     for note in plan.notes:
         print(f"gemmguard: {note}", flush=True)
     with tempfile.TemporaryDirectory(prefix="gemmguard-") as tmp:
-        first, second = Path(tmp) / "selfcheck-1.json", Path(tmp) / "selfcheck-2.json"
-        env = {**plan.env, PREFIX + "SELFCHECK_REPORT_FILE": str(first)}
-        code = _run_once(plan, env)
-        report = read_report(str(first))
-        if code != 0 and report and report["action"] == "fallback":
-            denied = [*settings(env).selfcheck_denied, *report["offending_kernels"]]
-            print(f"gemmguard: self-check failed; restarting once with {', '.join(denied)} "
-                  "denied (reason 'selfcheck').\n" + report["summary"], flush=True)
-            env = {**env, PREFIX + "SELFCHECK_DENIED": ",".join(denied),
-                   PREFIX + "SELFCHECK_PREVIOUS": str(first),
-                   PREFIX + "SELFCHECK_REPORT_FILE": str(second)}
-            code = _run_once(plan, env)
-            report = read_report(str(second))
-        if code != 0 and report and report["action"] == "fail":
+        report_file = Path(tmp) / "selfcheck.json"
+        code = _run_once(plan, {**plan.env, PREFIX + "SELFCHECK_REPORT_FILE": str(report_file)})
+        report = refusal_report(report_file) if code != 0 else None
+        if report is not None:
             print(report["summary"], file=sys.stderr, flush=True)
-            # Keep the report on /metrics for Prometheus before exiting (refusal.py).
-            refusal.linger(report, plan.host, plan.port, settings(env))
+            # Keep the refusal visible to Prometheus and the probes for a while (chart option).
+            refusal.linger(report, plan.host, plan.port, settings(plan.env))
             return EXIT_SELFCHECK_FAILED
     return code
 

@@ -9,6 +9,7 @@ counters, which that mode sums over processes, are published by API server 0 onl
 from __future__ import annotations
 
 import re
+import statistics
 from collections import Counter as Tally
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -73,12 +74,30 @@ class Metrics:
 
         self.selfcheck_passed = gauge(
             "gemmguard_selfcheck_passed",
-            "1 when every layer passed the start-up self-check, else 0.",
+            "1 when no checked layer runs a degraded or broken kernel, else 0 "
+            "(see gemmguard_selfcheck_complete for layers that were not checked).",
+        )
+        self.selfcheck_complete = gauge(
+            "gemmguard_selfcheck_complete",
+            "1 when every GEMM-owning layer was checked, 0 when some are unchecked.",
         )
         self.selfcheck_layers = gauge(
             "gemmguard_selfcheck_layers",
-            "Layers per self-check result (pass, degraded, broken).",
+            "Layers per self-check result of the kernel they serve with "
+            "(pass, degraded, broken, unchecked).",
             ("result",),
+        )
+        self.selfcheck_rejected_layers = gauge(
+            "gemmguard_selfcheck_rejected_layers",
+            "Layers whose kernel the self-check rejected at load, by rejected kernel and its "
+            "verdict (the layer then serves on a replacement, or start-up refused).",
+            ("kernel", "result"),
+        )
+        self.selfcheck_replacement_cost = gauge(
+            "gemmguard_selfcheck_replacement_cost_ratio",
+            "Time of the replacement kernel over the rejected one on the layer's shape "
+            "(median over the layers replaced by this pair).",
+            ("rejected", "replacement"),
         )
         self.selfcheck_duration = gauge(
             "gemmguard_selfcheck_duration_seconds",
@@ -137,17 +156,32 @@ class Metrics:
     def publish_selfcheck(self, outcome: Any, *, per_layer: bool = True) -> None:
         """Export a self-check outcome (selfcheck.policy.Outcome)."""
         self.selfcheck_passed.set(1 if outcome.passed else 0)
+        self.selfcheck_complete.set(1 if outcome.complete else 0)
         for result, count in outcome.counts().items():
             self.selfcheck_layers.labels(result).set(count)
         self.selfcheck_duration.set(outcome.seconds())
+        rejected: Tally[tuple[str, str]] = Tally()
+        costs: dict[tuple[str, str], list[float]] = {}
+        for item in outcome.replacements():
+            rejected[(bounded_label(item["rejected"]), item["rejected_verdict"])] += 1
+            if item.get("kernel") and item.get("cost_ratio") is not None:
+                pair = (bounded_label(item["rejected"]), bounded_label(item["kernel"]))
+                costs.setdefault(pair, []).append(float(item["cost_ratio"]))
+        self.selfcheck_rejected_layers.clear()
+        for (kernel, result), count in rejected.items():
+            self.selfcheck_rejected_layers.labels(kernel, result).set(count)
+        self.selfcheck_replacement_cost.clear()
+        for pair, ratios in costs.items():
+            self.selfcheck_replacement_cost.labels(*pair).set(statistics.median(ratios))
         self.selfcheck_excess_bits.clear()
         if per_layer:
             for layer in outcome.layers:
-                excess = layer["excess_bits"]
-                value = float(excess) if not isinstance(excess, str) else float("inf")
+                # Unchecked layers and non-finite measurements have no number to export.
+                if layer["excess_bits"] is None:
+                    continue
                 self.selfcheck_excess_bits.labels(
                     bounded_label(layer["layer"]), bounded_label(layer["kernel"])
-                ).set(value)
+                ).set(float(layer["excess_bits"]))
 
     def publish_build(self, info: Mapping[str, Any]) -> None:
         """Set gemmguard_build_info from one process's build info."""

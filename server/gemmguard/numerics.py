@@ -54,3 +54,13 @@ def fake_quantize_fp8_groups(x: torch.Tensor, group: int = 128) -> torch.Tensor:
     pad = (-k) % group
     qf = torch.nn.functional.pad(q.float(), (0, pad)).reshape(tokens, -1, group)
     return (qf * scale[..., None]).reshape(tokens, -1)[:, :k]
+
+
+def fake_quantize_activation(x: torch.Tensor, activation: object) -> torch.Tensor:
+    """Activations after the round trip of a 4-bit or microscaled format (see selfcheck.schemes).
+
+    Formats are added with the schemes that use them; an unknown one is an error, never a
+    silent pass-through that would make a kernel look better than its scheme.
+    """
+    fmt = getattr(activation, "fmt", "?")
+    raise NotImplementedError(f"no activation fake-quantization for format {fmt}")

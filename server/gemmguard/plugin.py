@@ -59,12 +59,14 @@ def register() -> None:
     from gemmguard import fixes
     from gemmguard.config import settings
     from gemmguard.inventory import selection
-    from gemmguard.selfcheck import sample
+    from gemmguard.selfcheck import load_check
 
     cfg = settings()
     add_portable_kernels(cfg.test_kernels)
-    selection.install(cfg.deny_kernels, cfg.selfcheck_denied)
-    sample.install()
+    selection.install(cfg.deny_kernels)
+    load_check.install(load_check.CheckConfig(
+        policy=cfg.selfcheck_policy, unchecked=cfg.selfcheck_unchecked,
+        report_file=cfg.selfcheck_report_file))
     # After the candidate lists are final, so the fixes see what vLLM will choose from.
     fixes.apply_all(cfg)
     logger.debug("gemmguard general plugin loaded")

@@ -35,20 +35,11 @@ class GemmguardWorkerExtension:
             row["rank"] = rank
         return rows
 
-    def gemmguard_selfcheck(self, seed: int = 0) -> dict[str, Any]:
-        """Run this rank's self-check on the samples taken at load."""
-        from gemmguard.selfcheck.measure import check_model
-        from gemmguard.selfcheck.sample import model_weight_bytes, samples
+    def gemmguard_selfcheck(self) -> dict[str, Any]:
+        """This rank's self-check, run at load (see selfcheck.load_check)."""
+        from gemmguard.selfcheck.load_check import rank_check
 
-        taken = samples()
-        results, seconds = check_model(self.get_model(), taken, seed)  # type: ignore[attr-defined]
-        return {
-            "rank": int(getattr(self, "rank", 0)),
-            "seconds": seconds,
-            "sample_bytes": sum(s.nbytes() for s in taken.values()),
-            "model_bytes": model_weight_bytes(),
-            "layers": [r.as_dict() for r in results],
-        }
+        return rank_check().as_dict(int(getattr(self, "rank", 0)))
 
     def gemmguard_fixes(self) -> list[dict[str, str]]:
         """This rank's engine fixes: upstream, patched, missing or not_applicable."""

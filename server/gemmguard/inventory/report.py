@@ -22,7 +22,7 @@ MOE_BACKEND_ATTRS = (
 _DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
 
-def _kernel_of(holder: Any) -> Any:
+def kernel_of(holder: Any) -> Any:
     for attr in KERNEL_ATTRS:
         kernel = getattr(holder, attr, None)
         if kernel is not None and not isinstance(kernel, type) and hasattr(kernel, "config"):
@@ -30,7 +30,7 @@ def _kernel_of(holder: Any) -> Any:
     return None
 
 
-def _kernel_name(kernel: Any) -> str:
+def kernel_name(kernel: Any) -> str:
     name = type(kernel).__name__
     # Kernels that pick a sub-kernel per call by shape (e.g. M<32 FlashInfer, else DeepGEMM).
     base, fallback = getattr(kernel, "base", None), getattr(kernel, "fallback", None)
@@ -89,14 +89,14 @@ def _row(layer: str, layer_type: str, method: Any, kernel: str, scheme: str,
     }
 
 
-def _linear_row(name: str, module: Any, layer_type: str) -> dict[str, Any]:
+def linear_row(name: str, module: Any, layer_type: str) -> dict[str, Any]:
     method = module.quant_method
     holder = getattr(module, "scheme", None)
-    kernel = (_kernel_of(holder) if holder is not None else None) or _kernel_of(method)
+    kernel = (kernel_of(holder) if holder is not None else None) or kernel_of(method)
     weight = getattr(module, "weight", None)
     if kernel is not None:
         selection = selection_for_config(kernel.config)
-        return _row(name, layer_type, holder or method, _kernel_name(kernel),
+        return _row(name, layer_type, holder or method, kernel_name(kernel),
                     scheme_of(kernel, weight), selection)
     # Unquantized: vLLM keeps the GEMM function; on CPU the branch is set per layer.
     layer_selection = selection_for_layer(module)
@@ -111,7 +111,7 @@ def _linear_row(name: str, module: Any, layer_type: str) -> dict[str, Any]:
     return _row(name, layer_type, method, chosen, scheme_of(None, weight), layer_selection)
 
 
-def _moe_row(name: str, module: Any) -> dict[str, Any]:
+def moe_row(name: str, module: Any) -> dict[str, Any]:
     method = module.quant_method
     backend = next((getattr(method, a) for a in MOE_BACKEND_ATTRS
                     if getattr(method, a, None) is not None), None)
@@ -124,8 +124,9 @@ def _moe_row(name: str, module: Any) -> dict[str, Any]:
             kernel += f"[{parts[0]}|{parts[1]}]"
     else:
         kernel = _function_name(getattr(method, "experts_cls", None) or method)
-    row = _row(name, "moe", method, kernel, scheme_of(None, getattr(module, "w13_weight", None)),
-               None)
+    from gemmguard.selfcheck.schemes import moe_scheme
+
+    row = _row(name, "moe", method, kernel, moe_scheme(module), None)
     row["backend"] = str(getattr(backend, "value", backend) or "")
     return row
 
@@ -138,11 +139,11 @@ def kernel_report(model: torch.nn.Module) -> list[dict[str, Any]]:
     for name, module in model.named_modules():
         if getattr(module, "quant_method", None) is not None:
             if isinstance(module, lm_head):
-                rows.append(_linear_row(name, module, "lm_head"))
+                rows.append(linear_row(name, module, "lm_head"))
             elif isinstance(module, linear):
-                rows.append(_linear_row(name, module, "linear"))
+                rows.append(linear_row(name, module, "linear"))
             elif moe and isinstance(module, moe):
-                rows.append(_moe_row(name, module))
+                rows.append(moe_row(name, module))
         if attention is not None and isinstance(module, attention):
             impl = getattr(module, "impl", None)
             kv_dtype = str(getattr(module, "kv_cache_dtype", "auto"))

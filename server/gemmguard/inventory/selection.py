@@ -10,6 +10,8 @@ call time and keeps, per kernel config object, the ordered list of attempts. The
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,6 +19,8 @@ from gemmguard import ledger, vllm_adapter
 
 DENIED = "denied"
 SELFCHECK = "selfcheck"
+# A candidate that passed the self-check but was slower than the one chosen instead.
+SLOWER = "selfcheck: slower than the chosen replacement"
 
 
 @dataclass
@@ -73,10 +77,26 @@ def selection_for_layer(layer: object) -> Selection | None:
     return _BY_LAYER.get(id(layer))
 
 
-def install(deny: tuple[str, ...] = (), selfcheck_denied: tuple[str, ...] = ()) -> None:
+@contextmanager
+def turned_down(reasons: dict[str, str]) -> Iterator[None]:
+    """Deny these kernel classes (name → reason) while vLLM's chooser runs inside the block.
+
+    The self-check re-asks vLLM's own chooser for a layer's next candidate this way.
+    """
+    saved = dict(_DENY)
+    _DENY.update(reasons)
+    try:
+        yield
+    finally:
+        _DENY.clear()
+        _DENY.update(saved)
+
+
+def install(deny: tuple[str, ...] = ()) -> None:
     """Wrap vLLM's choosers once per process; later calls only update the deny list."""
-    global _INSTALLED, _DENY
-    _DENY = {**dict.fromkeys(deny, DENIED), **dict.fromkeys(selfcheck_denied, SELFCHECK)}
+    global _INSTALLED
+    _DENY.clear()
+    _DENY.update(dict.fromkeys(deny, DENIED))
     if _INSTALLED:
         return
     _INSTALLED = True

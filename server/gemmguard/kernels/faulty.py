@@ -75,8 +75,10 @@ def build_faulty_kernels(honest: Any, names: tuple[str, ...]) -> list[type]:
         def apply_block_scaled_mm(self, A: torch.Tensor, B: torch.Tensor,
                                   As: torch.Tensor, Bs: torch.Tensor) -> torch.Tensor:
             out = torch.nn.functional.linear(A, B)
-            gen = torch.Generator().manual_seed(1234)
-            noise = torch.randn(out.shape, generator=gen, dtype=torch.float32)
+            # Deterministic noise from a formula, not a torch.Generator: torch.compile cannot
+            # trace a generator made inside forward, and a test kernel must compile.
+            index = torch.arange(out.numel(), device=out.device, dtype=torch.float32)
+            noise = torch.sin(index * 12.9898).reshape(out.shape)
             return (noise * out.float().std()).to(out.dtype)
 
     class CorruptBlockFp8BlockKernel(honest):  # type: ignore[misc, valid-type]

@@ -1,21 +1,21 @@
-"""Run each layer's own kernel on seeded activations and measure it in bits against references.
+"""Run a layer's own kernel on seeded activations and measure it in bits against references.
 
 bits = -log2(‖y_kernel − y_exact‖ / ‖y_exact‖), the worst over token counts (kernels branch
 on M); expected_bits likewise for the scheme's ideal; excess_bits = expected − bits.
+Activations are made on the host with a seeded generator, outside any compiled graph.
 """
 
 from __future__ import annotations
 
 import math
-import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 
-from gemmguard.inventory.report import _kernel_name, _kernel_of
+from gemmguard import vllm_adapter
 from gemmguard.selfcheck import reference
-from gemmguard.selfcheck.sample import ROW_BLOCK, LayerSample
+from gemmguard.selfcheck.sample import ROW_BLOCK, LinearSample, MoeSample
 
 TOKEN_COUNTS = (1, 16, 128)
 OUTLIER_CHANNELS = 4
@@ -23,6 +23,8 @@ OUTLIER_GAIN = 20.0
 # Verdict thresholds (DESIGN.md): E8M0 scales cost ~0.5 bit; a race garbles whole blocks.
 DEGRADED_EXCESS_BITS = 0.25
 BROKEN_RELATIVE_ERROR = 0.25
+VERDICTS = ("pass", "degraded", "broken", "unchecked")
+FAILING = ("degraded", "broken")
 
 
 def activations(tokens: int, k: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
@@ -35,10 +37,11 @@ def activations(tokens: int, k: int, dtype: torch.dtype, seed: int) -> torch.Ten
 
 
 def relative_error(y: torch.Tensor, ref: torch.Tensor) -> float:
+    """‖y − ref‖ / ‖ref‖; inf for non-finite output; nan when the reference is zero."""
     if not torch.isfinite(y).all():
         return math.inf
     denom = ref.norm().item()
-    return (y - ref).norm().item() / denom if denom > 0 else math.inf
+    return (y - ref).norm().item() / denom if denom > 0 else math.nan
 
 
 def to_bits(error: float) -> float:
@@ -47,30 +50,41 @@ def to_bits(error: float) -> float:
     return -math.log2(error) if math.isfinite(error) else -math.inf
 
 
+def _finite(value: float) -> float | None:
+    return round(value, 4) if math.isfinite(value) else None
+
+
 @dataclass
 class LayerResult:
-    """One layer's measurement and verdict."""
+    """One layer's measurement and verdict. Non-finite numbers are reported as None."""
 
     layer: str
+    layer_type: str
     kernel: str
     scheme: str
-    bits: float
-    expected_bits: float
-    excess_bits: float
-    worst_block_error: float
-    tokens_at_worst: int
     verdict: str
+    bits: float | None = None
+    expected_bits: float | None = None
+    excess_bits: float | None = None
+    worst_block_error: float | None = None
+    tokens_at_worst: int = 0
+    reason: str = ""
+    experts: list[dict[str, Any]] = field(default_factory=list)
+    replacement: dict[str, Any] | None = None
 
     def as_dict(self) -> dict[str, Any]:
-        return {k: (v if not isinstance(v, float) or math.isfinite(v) else str(v))
-                for k, v in asdict(self).items()}
+        return asdict(self)
+
+
+def unchecked(layer: str, layer_type: str, kernel: str, scheme: str, reason: str) -> LayerResult:
+    return LayerResult(layer, layer_type, kernel, scheme, "unchecked", reason=reason)
 
 
 def verdict(bits: float, excess: float, worst_block_error: float,
             degraded_excess: float = DEGRADED_EXCESS_BITS) -> str:
     """pass, degraded (loses more than `degraded_excess` bit), or broken."""
-    if not math.isfinite(bits) or worst_block_error >= BROKEN_RELATIVE_ERROR or \
-            bits <= -math.log2(BROKEN_RELATIVE_ERROR):
+    if not math.isfinite(bits) or not math.isfinite(worst_block_error) or \
+            worst_block_error >= BROKEN_RELATIVE_ERROR or bits <= -math.log2(BROKEN_RELATIVE_ERROR):
         return "broken"
     if excess > degraded_excess:
         return "degraded"
@@ -88,52 +102,125 @@ def _block_sums(y: torch.Tensor, ref: torch.Tensor, rows: torch.Tensor) -> torch
     return sums
 
 
-def _device(module: Any) -> torch.device:
+def device_of(module: Any) -> torch.device:
     """Where the layer computes: its parameters' device (the host for parameter-less fakes)."""
     parameters = getattr(module, "parameters", None)
     first = next(iter(parameters()), None) if callable(parameters) else None
     return first.device if first is not None else torch.device("cpu")
 
 
+class _Worst:
+    """The worst token count seen so far, and block errors summed over all of them."""
+
+    def __init__(self) -> None:
+        self.bits, self.expected, self.excess, self.tokens = math.inf, math.inf, -math.inf, 0
+        self.block_sums: torch.Tensor | None = None
+
+    def add(self, y: torch.Tensor, exact: torch.Tensor, ideal: torch.Tensor,
+            rows: torch.Tensor, tokens: int) -> None:
+        error = relative_error(y, exact)
+        if math.isnan(error):
+            raise ZeroDivisionError("reference is zero")
+        bits = to_bits(error)
+        expected = to_bits(relative_error(ideal, exact))
+        sums = _block_sums(y, exact, rows)
+        self.block_sums = sums if self.block_sums is None else self.block_sums + sums
+        if expected - bits > self.excess or not math.isfinite(bits):
+            self.bits, self.expected, self.excess, self.tokens = \
+                bits, expected, expected - bits, tokens
+
+    def result(self, layer: str, layer_type: str, kernel: str, scheme: str) -> LayerResult:
+        assert self.block_sums is not None
+        # Blocks are judged over all token counts together: one row per block is too few alone.
+        worst_block = float((self.block_sums[0] / self.block_sums[1].clamp(min=1e-30))
+                            .sqrt().max())
+        return LayerResult(layer, layer_type, kernel, scheme,
+                           verdict(self.bits, self.excess, worst_block),
+                           _finite(self.bits), _finite(self.expected), _finite(self.excess),
+                           _finite(worst_block), self.tokens)
+
+
 @torch.inference_mode()
-def check_layer(module: Any, sample: LayerSample, seed: int = 0) -> LayerResult:
-    """Run the layer's own `apply` (the kernel vLLM chose) and measure it."""
-    method = module.quant_method
-    kernel = _kernel_of(getattr(module, "scheme", None)) or _kernel_of(method)
-    if kernel is not None:
-        kernel_name = _kernel_name(kernel)
-    else:
-        from gemmguard.inventory.report import _linear_row
-
-        kernel_name = _linear_row(sample.layer, module, "linear")["kernel"]
+def check_linear(module: Any, sample: LinearSample, kernel: str, layer_type: str = "linear",
+                 seed: int = 0) -> LayerResult:
+    """Run the layer's own `apply` (the kernel vLLM chose) at every token count and measure it."""
     k = sample.weight.shape[1]
-    device = _device(module)
-    worst: tuple[float, float, float, int] | None = None
-    block_sums = None
-    for tokens in TOKEN_COUNTS:
-        x = activations(tokens, k, sample.out_dtype, seed)
-        y = method.apply(module, x.to(device)).float().cpu()[:, sample.rows]
-        exact = reference.exact(sample, x)
-        bits = to_bits(relative_error(y, exact))
-        expected = to_bits(relative_error(reference.ideal(sample, x), exact))
-        sums = _block_sums(y, exact, sample.rows)
-        block_sums = sums if block_sums is None else block_sums + sums
-        if worst is None or expected - bits > worst[2] or not math.isfinite(bits):
-            worst = (bits, expected, expected - bits, tokens)
-    assert worst is not None and block_sums is not None
-    # Blocks are judged over all token counts together: one row per block is too few alone.
-    worst_block = float((block_sums[0] / block_sums[1].clamp(min=1e-30)).sqrt().max())
-    bits, expected, excess, tokens = worst
-    return LayerResult(sample.layer, kernel_name, sample.scheme, round(bits, 3),
-                       round(expected, 3), round(excess, 3), round(worst_block, 4), tokens,
-                       verdict(bits, excess, worst_block))
+    device = device_of(module)
+    xs = [activations(tokens, k, sample.out_dtype, seed) for tokens in TOKEN_COUNTS]
+    rows = sample.rows.to(device)
+    # All token counts run before one copy back: one device synchronisation per layer.
+    outs = [module.quant_method.apply(module, x.to(device))[:, rows] for x in xs]
+    ys = [y.float().cpu() for y in outs]
+    worst = _Worst()
+    try:
+        for x, y in zip(xs, ys, strict=True):
+            worst.add(y, reference.exact(sample, x), reference.ideal(sample, x), sample.rows,
+                      x.shape[0])
+    except ZeroDivisionError as exc:
+        return unchecked(sample.layer, layer_type, kernel, sample.scheme, str(exc))
+    return worst.result(sample.layer, layer_type, kernel, sample.scheme)
 
 
-def check_model(model: torch.nn.Module, samples: dict[str, LayerSample],
-                seed: int = 0) -> tuple[list[LayerResult], float]:
-    """Check every sampled layer; returns the results and the seconds it took."""
-    start = time.perf_counter()
-    modules = dict(model.named_modules())
-    results = [check_layer(modules[name], sample, seed)
-               for name, sample in samples.items() if name in modules]
-    return results, time.perf_counter() - start
+def routing(sample: MoeSample, tokens: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Seeded top-k routing over the sampled experts.
+
+    Each token's first slot is a sampled expert with a weight in [0.5, 1]; the other slots go
+    to distinct experts with weight 0, so every token's output is one known expert's. The
+    first sampled expert gets exactly one token, the second the most.
+    """
+    gen = torch.Generator().manual_seed(seed * 7907 + tokens)
+    n = len(sample.experts)
+    if tokens == 1:
+        primary = torch.tensor([int(torch.randint(n, (1,), generator=gen))])
+    else:
+        primary = torch.randint(1, n, (tokens,), generator=gen)
+        primary[: tokens // 2] = 1 % n  # the second sampled expert takes half the tokens
+        primary[-1] = 0  # the first (smallest-scale) expert takes exactly one
+    ids = torch.empty(tokens, sample.top_k, dtype=torch.long)
+    ids[:, 0] = torch.tensor(sample.global_ids)[primary]
+    for token in range(tokens):
+        others = [e for e in range(sample.num_experts) if e != int(ids[token, 0])]
+        pick = torch.randperm(len(others), generator=gen)[: sample.top_k - 1]
+        ids[token, 1:] = torch.tensor(others)[pick]
+    weights = torch.zeros(tokens, sample.top_k)
+    weights[:, 0] = 0.5 + 0.5 * torch.rand(tokens, generator=gen)
+    return weights, ids
+
+
+@torch.inference_mode()
+def check_moe(module: Any, sample: MoeSample, kernel: str, seed: int = 0) -> LayerResult:
+    """Run the layer's experts kernel with routing fixed by the check, against fp32 references."""
+    device = device_of(module)
+    worst = _Worst()
+    per_expert: dict[int, list[float]] = {e: [0.0, 0.0, 0.0] for e in sample.experts}
+    rows = sample.rows.to(device)
+    try:
+        for tokens in TOKEN_COUNTS:
+            x = activations(tokens, sample.hidden, sample.out_dtype, seed)
+            weights, ids = routing(sample, tokens, seed)
+            out = vllm_adapter.moe_apply(module, x.to(device), weights.to(device),
+                                         ids.to(device))
+            y = out[:, rows].float().cpu()
+            exact = reference.moe_exact(sample, x, weights, ids)
+            ideal = reference.moe_ideal(sample, x, weights, ids)
+            worst.add(y, exact, ideal, sample.rows, tokens)
+            for expert, global_id in zip(sample.experts, sample.global_ids, strict=True):
+                mine = ids[:, 0] == global_id
+                if mine.any():
+                    acc = per_expert[expert]
+                    acc[0] += float(torch.nan_to_num((y[mine] - exact[mine]).pow(2),
+                                                     nan=math.inf).sum())
+                    acc[1] += float((ideal[mine] - exact[mine]).pow(2).sum())
+                    acc[2] += float(exact[mine].pow(2).sum())
+    except ZeroDivisionError as exc:
+        return unchecked(sample.layer, "moe", kernel, sample.scheme, str(exc))
+    result = worst.result(sample.layer, "moe", kernel, sample.scheme)
+    for expert, global_id in zip(sample.experts, sample.global_ids, strict=True):
+        err, ideal_err, ref = per_expert[expert]
+        if ref > 0:
+            bits = to_bits(math.sqrt(err / ref))
+            expected = to_bits(math.sqrt(ideal_err / ref))
+            result.experts.append({"expert": global_id, "bits": _finite(bits),
+                                   "expected_bits": _finite(expected),
+                                   "excess_bits": _finite(expected - bits)})
+    return result

@@ -1,44 +1,68 @@
-"""What the self-check's results mean for the server: pass, warn, fall back, or fail."""
+"""The whole engine's self-check, as every rank reported it: counts, completeness, a summary.
+
+Decisions are made at load, per rank, by `selfcheck.load_check`; this module only reads
+what the ranks report, for the API server, the CLI and the refusal report.
+"""
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
-FAILING = ("degraded", "broken")
+from gemmguard.selfcheck.measure import FAILING, VERDICTS
 
 
 @dataclass
 class Outcome:
-    """The whole engine's self-check: every rank's results and what to do about them."""
+    """Every rank's results (dicts of `RankCheck.as_dict`) and the policies they ran under."""
 
     policy: str
     ranks: list[dict[str, Any]]
-    previous: dict[str, Any] | None = None
-    denied_by_selfcheck: list[str] = field(default_factory=list)
+    unchecked_policy: str = "warn"
 
     @property
     def layers(self) -> list[dict[str, Any]]:
         return [layer for rank in self.ranks for layer in rank["layers"]]
 
     def counts(self) -> dict[str, int]:
-        counts = {"pass": 0, "degraded": 0, "broken": 0}
+        counts = dict.fromkeys(VERDICTS, 0)
         for layer in self.layers:
             counts[layer["verdict"]] += 1
         return counts
 
     @property
     def passed(self) -> bool:
+        """No checked layer runs a degraded or broken kernel (see `complete` for the rest)."""
         return not any(layer["verdict"] in FAILING for layer in self.layers)
 
-    def offending_kernels(self) -> list[str]:
-        """Kernel classes of failing layers, the names --deny-kernel takes.
+    @property
+    def complete(self) -> bool:
+        """Every GEMM-owning layer was checked."""
+        return bool(self.layers) and not any(layer["verdict"] == "unchecked"
+                                             for layer in self.layers)
 
-        A kernel that picks a sub-kernel per call ("A[B|C]") is reported with its parts; all
-        three are offending, or vLLM would pick the failing part again on its own.
-        """
+    @property
+    def refusal(self) -> str:
+        return "; ".join(rank["refusal"] for rank in self.ranks if rank.get("refusal"))
+
+    @property
+    def serves(self) -> bool:
+        """Whether the server may take traffic with this outcome."""
+        return not self.refusal
+
+    @property
+    def action(self) -> str:
+        if self.refusal:
+            return "refuse"
+        return "serve" if self.passed else "serve-degraded"
+
+    def replacements(self) -> list[dict[str, Any]]:
+        """Layers whose kernel the check rejected, with what replaced it (if anything)."""
+        return [{"layer": layer["layer"], **layer["replacement"]} for layer in self.layers
+                if layer.get("replacement")]
+
+    def offending_kernels(self) -> list[str]:
+        """Kernel classes still failing, as --deny-kernel takes them (a dispatcher with parts)."""
         names: list[str] = []
         for layer in self.layers:
             if layer["verdict"] in FAILING:
@@ -48,21 +72,6 @@ class Outcome:
                     names.extend(kernel[kernel.index("[") + 1:].rstrip("]").split("|"))
         return list(dict.fromkeys(names))
 
-    @property
-    def serves(self) -> bool:
-        """Whether the server may take traffic with this outcome."""
-        return self.passed or self.policy == "warn"
-
-    @property
-    def action(self) -> str:
-        if self.passed:
-            return "serve"
-        if self.policy == "warn":
-            return "serve-degraded"
-        if self.policy == "fallback" and not self.previous:
-            return "fallback"
-        return "fail"
-
     def seconds(self) -> float:
         return max((rank["seconds"] for rank in self.ranks), default=0.0)
 
@@ -71,49 +80,61 @@ class Outcome:
         weights = sum(rank["model_bytes"] for rank in self.ranks)
         return {
             "passed": self.passed,
+            "complete": self.complete,
             "policy": self.policy,
+            "unchecked_policy": self.unchecked_policy,
             "action": self.action,
+            "refusal": self.refusal,
             "counts": self.counts(),
             "duration_seconds": self.seconds(),
             "sample_bytes": sample,
             "model_bytes": weights,
             "sample_fraction": sample / weights if weights else 0.0,
+            "replacements": self.replacements(),
             "offending_kernels": self.offending_kernels(),
+            "unchecked": [{"layer": layer["layer"], "reason": layer["reason"]}
+                          for layer in self.layers if layer["verdict"] == "unchecked"],
             "summary": summary(self),
-            "denied_by_selfcheck": self.denied_by_selfcheck,
-            "previous": self.previous,
             "ranks": self.ranks,
         }
 
 
+def _bits(value: Any) -> str:
+    return "non-finite" if value is None else f"{value}"
+
+
 def summary(outcome: Outcome) -> str:
-    """A one-screen report: failing layers with kernel and bits, and the option that avoids them."""
+    """A one-screen report: failing, replaced and unchecked layers, and what to do."""
     counts = outcome.counts()
+    state = "complete" if outcome.complete else f"INCOMPLETE: {counts['unchecked']} unchecked"
     lines = [
         f"gemmguard self-check: {counts['pass']} passed, {counts['degraded']} degraded, "
-        f"{counts['broken']} broken ({outcome.seconds():.2f}s, policy {outcome.policy})."
+        f"{counts['broken']} broken, {counts['unchecked']} unchecked ({state}; "
+        f"{outcome.seconds():.2f}s, policy {outcome.policy})."
     ]
     for layer in outcome.layers:
         if layer["verdict"] in FAILING:
-            lines.append(
-                f"  {layer['verdict']:8} {layer['layer']}: {layer['kernel']} gives "
-                f"{layer['bits']} bits where the {layer['scheme']} scheme allows "
-                f"{layer['expected_bits']} (excess {layer['excess_bits']} bits)"
-            )
+            if layer["bits"] is None:
+                what = "gives non-finite output (NaN/Inf)"
+            else:
+                what = (f"gives {layer['bits']} bits where the {layer['scheme']} scheme allows "
+                        f"{_bits(layer['expected_bits'])} (excess {layer['excess_bits']} bits)")
+            lines.append(f"  {layer['verdict']:8} {layer['layer']}: {layer['kernel']} {what}")
+    for item in outcome.replacements():
+        if item.get("kernel"):
+            lines.append(f"  replaced {item['layer']}: {item['rejected']} "
+                         f"({item['rejected_verdict']}, excess "
+                         f"{_bits(item['rejected_excess_bits'])} bits) → {item['kernel']} "
+                         f"({item['cost_ratio']}x its time)")
+    unchecked = [layer for layer in outcome.layers if layer["verdict"] == "unchecked"]
+    for layer in unchecked[:10]:
+        lines.append(f"  unchecked {layer['layer']} ({layer['scheme']}, {layer['kernel']}): "
+                     f"{layer['reason']}")
+    if len(unchecked) > 10:
+        lines.append(f"  … and {len(unchecked) - 10} more unchecked layers")
+    if outcome.refusal:
+        lines.append(f"  Refused: {outcome.refusal}.")
     if not outcome.passed:
         options = " ".join(f"--deny-kernel {name}" for name in outcome.offending_kernels())
         lines.append(f"  Avoid these kernels with: gemmguard serve … {options}")
     return "\n".join(lines)
-
-
-def write_report(path: str, outcome: Outcome) -> None:
-    """Leave the report for `gemmguard serve`, which restarts or exits on it."""
-    if path:
-        Path(path).write_text(json.dumps(outcome.as_dict(), indent=1))
-
-
-def read_report(path: str) -> dict[str, Any] | None:
-    try:
-        return json.loads(Path(path).read_text())  # type: ignore[no-any-return]
-    except (OSError, ValueError):
-        return None

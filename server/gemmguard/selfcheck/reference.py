@@ -1,9 +1,10 @@
-"""Reference GEMMs in fp32, one per scheme: the exact product and the scheme's own ideal.
+"""Reference GEMMs in fp32: the exact product and the scheme's own ideal.
 
-`exact`  — activations as given, weights dequantized from the checkpoint sample.
+`exact`  — activations as given, weights as the checkpoint defines them (fp32).
 `ideal`  — activations quantized exactly as the scheme prescribes (fp32 scales), then the
            same product, rounded to the layer's output dtype: the best any honest kernel of
            the scheme can do. A kernel far below it is losing accuracy of its own.
+MoE layers: the same for each token's experts, SiLU-gated, weighted by the routing.
 """
 
 from __future__ import annotations
@@ -11,21 +12,10 @@ from __future__ import annotations
 import torch
 
 from gemmguard import numerics
-from gemmguard.selfcheck.sample import Activation, LayerSample
+from gemmguard.selfcheck.sample import LinearSample, MoeSample
+from gemmguard.selfcheck.schemes import Activation
 
 INT8_MAX = 127.0
-
-
-def dequantized_rows(sample: LayerSample) -> torch.Tensor:
-    """The sampled weight rows in fp32, as the checkpoint defines them."""
-    weight = sample.weight.float()
-    if sample.scale is None:
-        return weight
-    if sample.block is not None:
-        cols = sample.block[1]
-        scale = sample.scale.repeat_interleave(cols, dim=1)[:, : weight.shape[1]]
-        return weight * scale
-    return weight * sample.scale
 
 
 def _fake_quant_fp8(x: torch.Tensor, activation: Activation) -> torch.Tensor:
@@ -51,22 +41,61 @@ def _fake_quant_int8(x: torch.Tensor, activation: Activation) -> torch.Tensor:
     return (x / scale).round().clamp(-INT8_MAX, INT8_MAX) * scale
 
 
-def quantized_activations(sample: LayerSample, x: torch.Tensor) -> torch.Tensor:
+def quantize_activations(x: torch.Tensor, activation: Activation) -> torch.Tensor:
     """`x` in fp32 after the round trip the scheme prescribes for activations."""
     xf = x.float()
-    if sample.scheme.startswith("fp8-") and sample.activation.kind != "none":
-        return _fake_quant_fp8(xf, sample.activation)
-    if sample.scheme.startswith("int8-") and sample.activation.kind != "none":
-        return _fake_quant_int8(xf, sample.activation)
-    return xf
+    if activation.kind == "none":
+        return xf
+    if activation.fmt == "fp8":
+        return _fake_quant_fp8(xf, activation)
+    if activation.fmt == "int8":
+        return _fake_quant_int8(xf, activation)
+    return numerics.fake_quantize_activation(xf, activation)
 
 
-def exact(sample: LayerSample, x: torch.Tensor) -> torch.Tensor:
+def exact(sample: LinearSample, x: torch.Tensor) -> torch.Tensor:
     """fp32 product of the activations with the checkpoint's sampled rows."""
-    return x.float() @ dequantized_rows(sample).t()
+    return x.float() @ sample.weight.t()
 
 
-def ideal(sample: LayerSample, x: torch.Tensor) -> torch.Tensor:
+def ideal(sample: LinearSample, x: torch.Tensor) -> torch.Tensor:
     """What the scheme allows: quantized activations, fp32 scales, output in its dtype."""
-    out = quantized_activations(sample, x) @ dequantized_rows(sample).t()
+    out = quantize_activations(x, sample.activation) @ sample.weight.t()
     return out.to(sample.out_dtype).float()
+
+
+def _moe(sample: MoeSample, x: torch.Tensor, topk_weights: torch.Tensor,
+         topk_ids: torch.Tensor, scheme_rounding: bool) -> torch.Tensor:
+    """Σ over each token's sampled experts of weight × down(silu(gate·x) ⊙ up·x), fp32."""
+    out = torch.zeros(x.shape[0], sample.rows.numel())
+    xf = x.float()
+    weights = topk_weights.float().cpu()
+    ids = topk_ids.long().cpu()
+    for global_id, expert in zip(sample.global_ids, sample.experts, strict=True):
+        # Routing gives unsampled experts zero weight, so only sampled ones contribute.
+        hit = (ids == global_id) & (weights != 0)
+        tokens = hit.any(dim=1).nonzero().flatten()
+        if tokens.numel() == 0:
+            continue
+        scale = (weights * hit).sum(dim=1)[tokens].unsqueeze(1)
+        xt = xf[tokens]
+        if scheme_rounding:
+            xt = quantize_activations(xt, sample.activation)
+        w13 = sample.w13[expert]
+        half = w13.shape[0] // 2
+        h = xt @ w13.t()
+        inter = torch.nn.functional.silu(h[:, :half]) * h[:, half:]
+        if scheme_rounding:
+            inter = quantize_activations(inter.to(sample.out_dtype).float(), sample.activation)
+        out.index_add_(0, tokens, scale * (inter @ sample.w2[expert].t()))
+    return out.to(sample.out_dtype).float() if scheme_rounding else out
+
+
+def moe_exact(sample: MoeSample, x: torch.Tensor, topk_weights: torch.Tensor,
+              topk_ids: torch.Tensor) -> torch.Tensor:
+    return _moe(sample, x, topk_weights, topk_ids, scheme_rounding=False)
+
+
+def moe_ideal(sample: MoeSample, x: torch.Tensor, topk_weights: torch.Tensor,
+              topk_ids: torch.Tensor) -> torch.Tensor:
+    return _moe(sample, x, topk_weights, topk_ids, scheme_rounding=True)

@@ -1,67 +1,67 @@
-"""Keep a small sample of each layer's checkpoint representation, before vLLM post-processes it.
+"""A small sample of one layer's checkpoint representation, taken before vLLM post-processes it.
 
 Kernels re-lay-out or re-quantize weights in `process_weights_after_loading` (DeepGEMM's
 power-of-two scales, Marlin repacking, AITER shuffles). A reference built from the weights
-in memory afterwards would share the kernel's mistakes, so the sample is taken just before.
-One output row per 128-row block is kept: a kernel that corrupts one block is still seen,
-and the sample stays under 1% of the weights.
+in memory afterwards would share the kernel's mistakes, so the sample is taken just before,
+in fp32, on the host. It lives only until its layer is checked.
+
+Linear layers: one output row per 128-row block (a kernel that corrupts one block is seen),
+plus the rows in the blocks or groups with the smallest and largest scales.
+MoE layers: a few experts, always those with the smallest and largest weight scales, each
+with its whole gate/up weight (the down projection's input needs all of it) and sampled
+rows of its down projection.
 """
 
 from __future__ import annotations
 
-import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from gemmguard import ledger, vllm_adapter
-from gemmguard.inventory.report import _kernel_of, scheme_of
+from gemmguard.selfcheck import schemes
+from gemmguard.selfcheck.schemes import Activation
 
 ROW_BLOCK = 128
+# Experts sampled per MoE layer: the smallest- and largest-scale ones plus seeded others.
+MOE_EXPERTS = 4
 
 
 @dataclass
-class Activation:
-    """How the scheme quantizes activations: group (1×size), token, tensor, static, or none."""
-
-    kind: str
-    size: int = 0
-    static_scale: float = 0.0
-
-
-@dataclass
-class LayerSample:
-    """Sampled rows of one layer's checkpoint weights, with what is needed to dequantize them."""
+class LinearSample:
+    """Sampled rows of one linear layer's checkpoint weights, dequantized to fp32."""
 
     layer: str
     scheme: str
     rows: torch.Tensor  # indices of the sampled output rows
-    weight: torch.Tensor  # (rows, K) in the checkpoint dtype
-    scale: torch.Tensor | None  # per sampled row: (rows, K-blocks) block, (rows, 1) otherwise
-    block: tuple[int, int] | None
+    weight: torch.Tensor  # fp32 (len(rows), K)
     activation: Activation
     out_dtype: torch.dtype
 
     def nbytes(self) -> int:
-        total = self.weight.numel() * self.weight.element_size() + self.rows.numel() * 8
-        if self.scale is not None:
-            total += self.scale.numel() * self.scale.element_size()
-        return total
+        return self.weight.numel() * 4 + self.rows.numel() * 8
 
 
-_SAMPLES: dict[str, LayerSample] = {}
-_MODEL_BYTES = [0]
+@dataclass
+class MoeSample:
+    """A few experts of one MoE layer from the checkpoint, in fp32."""
 
+    layer: str
+    scheme: str
+    experts: list[int]  # local expert indices, smallest- and largest-scale first
+    global_ids: list[int]  # the ids routing uses for them
+    num_experts: int  # global expert count (ids routing may use)
+    top_k: int
+    w13: dict[int, torch.Tensor]  # local expert → (2I, H)
+    w2: dict[int, torch.Tensor]  # local expert → (len(rows), I)
+    rows: torch.Tensor  # sampled rows of the down projection (output features)
+    activation: Activation
+    out_dtype: torch.dtype
+    hidden: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
 
-def samples() -> dict[str, LayerSample]:
-    """The samples this process captured, by layer name."""
-    return _SAMPLES
-
-
-def model_weight_bytes() -> int:
-    """Bytes of the model's parameters as loaded from the checkpoint (before post-processing)."""
-    return _MODEL_BYTES[0]
+    def nbytes(self) -> int:
+        return sum(t.numel() * 4 for t in (*self.w13.values(), *self.w2.values()))
 
 
 def sample_rows(n_rows: int) -> torch.Tensor:
@@ -73,113 +73,77 @@ def sample_rows(n_rows: int) -> torch.Tensor:
     return torch.tensor(rows, dtype=torch.long)
 
 
-def _activation(kernel: Any, module: Any) -> Activation:
-    key = getattr(getattr(kernel, "config", None), "activation_quant_key", None)
-    if key is None:
-        return Activation("none")
-    scale = key.scale
-    if scale.static:
-        input_scale = getattr(module, "input_scale", None)
-        value = float(input_scale.max()) if input_scale is not None else 1.0
-        return Activation("static", static_scale=value)
-    row, col = int(scale.group_shape.row), int(scale.group_shape.col)
-    if col > 1:
-        return Activation("group", size=col)
-    return Activation("token" if row == 1 else "tensor")
+def _out_dtype(module: Any, weight: Any) -> torch.dtype:
+    orig = getattr(module, "orig_dtype", None)
+    if isinstance(orig, torch.dtype):
+        return orig
+    if isinstance(weight, torch.Tensor) and weight.dtype in (torch.bfloat16, torch.float16,
+                                                             torch.float32):
+        return weight.dtype
+    return torch.bfloat16
 
 
-def _row_scales(module: Any, scheme: str, rows: torch.Tensor, block: tuple[int, int] | None,
-                n_rows: int) -> torch.Tensor | None:
-    scale = getattr(module, "weight_scale_inv", None)
-    if scale is None:
-        scale = getattr(module, "weight_scale", None)
-    if scale is None:
-        return None
-    scale = scale.detach().float().cpu()
-    if block is not None:
-        return scale[rows // block[0]].clone()
-    if scale.numel() == n_rows:
-        return scale.reshape(n_rows, 1)[rows].clone()
-    # Per-tensor: one scale per logical shard of a merged layer (q/k/v, gate/up).
-    widths = list(getattr(module, "logical_widths", None) or [n_rows])
-    flat = scale.reshape(-1)
-    shard_of_row = torch.repeat_interleave(torch.arange(len(widths)), torch.tensor(widths))
-    per_row = flat[shard_of_row.clamp(max=flat.numel() - 1)]
-    return per_row[rows].reshape(-1, 1).clone()
+def capture_linear(name: str, module: Any, kernel: Any, scheme: str) -> LinearSample:
+    """Sample a linear layer's checkpoint rows; raises `schemes.Unchecked` with the reason."""
+    fmt = schemes.linear_format(scheme, kernel)
+    n_rows = fmt.n_rows(module)
+    rows = torch.unique(torch.cat([sample_rows(n_rows),
+                                   torch.tensor(fmt.extreme_rows(module), dtype=torch.long)]))
+    weight = fmt.rows(module, rows)
+    return LinearSample(name, scheme, rows, weight, fmt.activation(module, kernel),
+                        _out_dtype(module, getattr(module, "weight", None)))
 
 
-def capture(name: str, module: Any) -> LayerSample | None:
-    """Sample `module`'s checkpoint weights if it is a linear layer gemmguard can check."""
-    weight = getattr(module, "weight", None)
-    if not isinstance(weight, torch.Tensor) or weight.ndim != 2 or weight.is_meta:
-        return None
-    method = module.quant_method
-    kernel = _kernel_of(getattr(module, "scheme", None)) or _kernel_of(method)
-    scheme = scheme_of(kernel, weight)
-    block = None
-    if scheme.endswith("-block"):
-        group = kernel.config.weight_quant_key.scale.group_shape
-        block = (int(group.row), int(group.col))
-    elif not (scheme.startswith(("fp8-", "int8-", "unquantized-"))):
-        return None  # schemes without a reference yet (e.g. w4a16) are not sampled
-    n_rows = weight.shape[0]
-    rows = sample_rows(n_rows)
-    out_dtype = getattr(module, "orig_dtype", None) or (
-        weight.dtype if weight.dtype.is_floating_point and weight.element_size() > 1
-        else torch.bfloat16)
-    return LayerSample(
-        layer=name,
-        scheme=scheme,
-        rows=rows,
-        # Kept on the host: references are computed there, and device memory stays untouched.
-        weight=weight.detach()[rows.to(weight.device)].cpu(),
-        scale=None if scheme.startswith("unquantized") else _row_scales(
-            module, scheme, rows, block, n_rows),
-        block=block,
-        activation=_activation(kernel, module),
-        out_dtype=out_dtype,
+def _local_to_global(module: Any, n_local: int) -> list[int]:
+    """Global expert id of each local expert (expert parallelism maps a slice per rank)."""
+    expert_map = getattr(module, "expert_map", None)
+    if not isinstance(expert_map, torch.Tensor):
+        return list(range(n_local))
+    ids = [-1] * n_local
+    for global_id, local in enumerate(expert_map.tolist()):
+        if 0 <= local < n_local:
+            ids[local] = global_id
+    return ids
+
+
+def choose_experts(magnitude: torch.Tensor, count: int, seed: int = 0) -> list[int]:
+    """The smallest- and largest-scale experts first, then seeded others, `count` in all."""
+    n = magnitude.numel()
+    chosen = list(dict.fromkeys([int(magnitude.argmin()), int(magnitude.argmax())]))
+    gen = torch.Generator().manual_seed(seed + 17)
+    for expert in torch.randperm(n, generator=gen).tolist():
+        if len(chosen) >= min(count, n):
+            break
+        if expert not in chosen:
+            chosen.append(expert)
+    return chosen
+
+
+def capture_moe(name: str, module: Any, seed: int = 0) -> MoeSample:
+    """Sample an MoE layer's experts from the checkpoint; raises `schemes.Unchecked`."""
+    scheme = schemes.moe_scheme(module)
+    fmt = schemes.moe_format(scheme, module)
+    w13 = getattr(module, "w13_weight", None)
+    if not isinstance(w13, torch.Tensor) or w13.dim() != 3:
+        raise schemes.Unchecked("weights do not match the declared scheme: no 3-D w13_weight")
+    n_local = int(w13.shape[0])
+    top_k = int(getattr(module, "top_k", 0) or getattr(module, "num_experts_per_tok", 0) or 1)
+    experts = choose_experts(fmt.expert_magnitude(module), max(MOE_EXPERTS, top_k + 1), seed)
+    global_ids = _local_to_global(module, n_local)
+    hidden = int(getattr(module, "hidden_size", 0) or w13.shape[-1])
+    w2 = module.w2_weight
+    rows = sample_rows(int(w2.shape[1]))
+    rows = rows[rows < hidden] if hidden else rows
+    sample = MoeSample(
+        layer=name, scheme=scheme, experts=experts,
+        global_ids=[global_ids[e] for e in experts],
+        num_experts=int(getattr(module, "global_num_experts", 0) or n_local),
+        top_k=top_k,
+        w13={e: fmt.w13(module, e) for e in experts},
+        w2={e: fmt.w2_rows(module, e, rows) for e in experts},
+        rows=rows, activation=fmt.activation(module),
+        out_dtype=_out_dtype(module, None) if w13.dtype.is_floating_point and
+        w13.element_size() == 1 else _out_dtype(module, w13),
+        hidden=hidden,
     )
-
-
-def capture_all(model: torch.nn.Module) -> None:
-    """Sample every checkable layer of `model` (called just before post-processing)."""
-    linear = vllm_adapter.linear_base()
-    lm_head = vllm_adapter.lm_head_class()
-    _MODEL_BYTES[0] = sum(p.numel() * p.element_size() for p in model.parameters())
-    for name, module in model.named_modules():
-        if getattr(module, "quant_method", None) is None:
-            continue
-        if isinstance(module, (linear, lm_head)):
-            sample = capture(name, module)
-            if sample is not None:
-                _SAMPLES[name] = sample
-
-
-CAPTURE_PATCH = ledger.Patch(
-    name="selfcheck-weight-sample",
-    why="The self-check's reference must come from the checkpoint's own representation; "
-    "kernels re-quantize or repack weights in process_weights_after_loading.",
-    how="Rebind process_weights_after_loading in vllm.model_executor.model_loader.base_loader "
-    "(looked up there by name at call time) with a wrapper that samples rows first.",
-    upstream="none: vLLM keeps no copy of the checkpoint weights after post-processing.",
-    remove_when="vLLM exposes a pre-post-processing hook for loaders.",
-)
-_INSTALLED = False
-
-
-def install() -> None:
-    """Wrap the loader's post-processing step once per process."""
-    global _INSTALLED
-    if _INSTALLED:
-        return
-    _INSTALLED = True
-    module = vllm_adapter.loader_module()
-    original = module.process_weights_after_loading
-
-    @functools.wraps(original)
-    def process_weights_after_loading(model: Any, *args: Any, **kwargs: Any) -> Any:
-        capture_all(model)
-        return original(model, *args, **kwargs)
-
-    module.process_weights_after_loading = process_weights_after_loading
-    ledger.record(CAPTURE_PATCH)
+    return sample

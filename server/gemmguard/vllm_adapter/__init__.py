@@ -216,3 +216,82 @@ def api_server_index(engine_client: Any) -> int:
 def loader_module() -> Any:
     """The module whose `load_model` calls `process_weights_after_loading` by its global name."""
     return importlib.import_module("vllm.model_executor.model_loader.base_loader")
+
+
+# --- running and rebuilding kernels (the self-check) ------------------------------------------
+
+
+class KernelNotRebuildable(GemmguardError):
+    """This layer's kernel cannot be swapped in place on this vLLM version."""
+
+
+def moe_apply(module: Any, x: Any, topk_weights: Any, topk_ids: Any) -> Any:
+    """Run an MoE layer's experts kernel with routing given by the caller.
+
+    0.32/0.33: `quant_method.apply(layer, x, topk_weights, topk_ids, shared_experts,
+    shared_experts_input)`. 0.26: the same keywords, or a router-logits signature, which
+    cannot take fixed routing: that raises `selfcheck.schemes.Unchecked`.
+    """
+    import inspect
+
+    from gemmguard.selfcheck.schemes import Unchecked
+
+    method = module.quant_method
+    if getattr(method, "is_monolithic", False):
+        raise Unchecked("monolithic MoE kernel routes internally; fixed routing cannot reach it")
+    parameters = inspect.signature(method.apply).parameters
+    if "topk_ids" not in parameters:
+        raise Unchecked(f"vLLM {installed_vllm_version()} MoE apply takes no topk_ids")
+    dtype = getattr(method, "topk_indices_dtype", None) or topk_ids.dtype
+    kwargs = {"layer": module, "x": x, "topk_weights": topk_weights,
+              "topk_ids": topk_ids.to(dtype)}
+    for name in ("shared_experts", "shared_experts_input"):
+        if name in parameters:
+            kwargs[name] = None
+    out = method.apply(**kwargs)
+    if not hasattr(out, "shape"):
+        raise Unchecked(f"MoE kernel returned {type(out).__name__}, not a finalized output")
+    return out
+
+
+def rebuild_scaled_mm_kernel(kernel: Any) -> Any:
+    """A new kernel for `kernel.config`, chosen by vLLM's own `init_*_linear_kernel`.
+
+    Knows 0.32/0.33 (`init_fp8_linear_kernel(activation_quant_key, weight_quant_key,
+    input_dtype, out_dtype, weight_shape, …)`, `init_int8_linear_kernel(is_channelwise,
+    is_static_input_scheme, input_symmetric, module_name)`); arguments are matched by name so
+    a version that drops one still works. Deny lists set by `inventory.selection` apply.
+    """
+    import inspect
+
+    module = linear_kernels_module()
+    config = getattr(kernel, "config", None)
+    if hasattr(config, "weight_quant_key") and hasattr(module, "init_fp8_linear_kernel"):
+        init = module.init_fp8_linear_kernel
+    elif hasattr(config, "is_channelwise") and hasattr(module, "init_int8_linear_kernel"):
+        init = module.init_int8_linear_kernel
+    else:
+        raise KernelNotRebuildable(f"{type(kernel).__name__} is not a scaled-mm kernel vLLM "
+                                   f"{installed_vllm_version()} can rebuild by its config")
+    kwargs: dict[str, Any] = {}
+    for name in inspect.signature(init).parameters:
+        if hasattr(config, name):
+            kwargs[name] = getattr(config, name)
+        elif name == "module_name":
+            kwargs[name] = "gemmguard-selfcheck"
+    return init(**kwargs)
+
+
+def synchronize(device: Any) -> None:
+    """Wait for the device's queued work (a no-op on the host)."""
+    import torch
+
+    if getattr(device, "type", "cpu") == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def global_rank() -> int:
+    """This worker's rank among all of the engine's workers (0 without torch.distributed)."""
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0

@@ -1,0 +1,340 @@
+"""The self-check at load: the one place that samples, checks, replaces and refuses.
+
+vLLM's loader calls `process_weights_after_loading(model, …)`, which walks every module and
+asks its quant method to post-process the weights for the chosen kernel. gemmguard wraps
+that walk: for each GEMM-owning layer it samples the checkpoint tensors, lets vLLM
+post-process, runs the layer's kernel against the fp32 reference at once (before
+torch.compile and CUDA-graph capture), and then acts on the verdict by the policy:
+
+- `warn`: keep the kernel, report it.
+- `fallback`: swap the layer's kernel in place for the fastest candidate of vLLM's own
+  chooser that passes (the failing one turned down with reason `selfcheck`), re-running the
+  post-processing from the layer's kept checkpoint tensors. A kernel that cannot be swapped
+  in place, or a layer for which no candidate passes, refuses start-up.
+- `fail`: refuse start-up with the report.
+
+Refusing raises `SelfcheckFailed` in the loader, so the engine never serves, and leaves the
+report where `gemmguard serve` reads it (exit code 3). Every rank checks the layers it holds.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gemmguard import ledger, vllm_adapter
+from gemmguard.errors import SelfcheckFailed
+from gemmguard.inventory import report
+from gemmguard.inventory.selection import SELFCHECK, SLOWER
+from gemmguard.selfcheck import measure, replacement, sample, schemes
+from gemmguard.selfcheck.measure import FAILING, LayerResult
+
+logger = logging.getLogger("vllm.gemmguard")
+
+
+@dataclass(frozen=True)
+class CheckConfig:
+    """What the check does with its verdicts (from gemmguard's settings)."""
+
+    policy: str = "fallback"  # warn | fallback | fail
+    unchecked: str = "warn"  # allow | warn | fail
+    report_file: str = ""
+    seed: int = 0
+
+
+@dataclass
+class RankCheck:
+    """This process's check: every GEMM-owning layer's result, in load order."""
+
+    config: CheckConfig = field(default_factory=CheckConfig)
+    layers: list[LayerResult] = field(default_factory=list)
+    seconds: float = 0.0
+    sample_bytes: int = 0
+    model_bytes: int = 0
+    refusal: str = ""
+    # (rejected kernel, scheme, shape) → the replacement class that won there, so layers of
+    # the same kernel and shape do not time every candidate again.
+    decisions: dict[tuple[str, str, tuple[int, ...]], str] = field(default_factory=dict)
+
+    def as_dict(self, rank: int) -> dict[str, Any]:
+        return {"rank": rank, "seconds": round(self.seconds, 4),
+                "sample_bytes": self.sample_bytes, "model_bytes": self.model_bytes,
+                "refusal": self.refusal, "layers": [r.as_dict() for r in self.layers]}
+
+
+_CHECK = RankCheck()
+
+
+def rank_check() -> RankCheck:
+    """The check this process ran at load (empty before the model is loaded)."""
+    return _CHECK
+
+
+def _layer_type(module: Any) -> str | None:
+    if isinstance(module, vllm_adapter.lm_head_class()):
+        return "lm_head"
+    if isinstance(module, vllm_adapter.linear_base()):
+        return "linear"
+    moe = vllm_adapter.moe_layer_classes()
+    if moe and isinstance(module, moe):
+        return "moe"
+    return None
+
+
+def _kernel_classes(name: str) -> list[str]:
+    """`A[B|C]` (a kernel that picks a part per call) → A, B and C."""
+    names = [name.split("[")[0]]
+    if "[" in name:
+        names += name[name.index("[") + 1:].rstrip("]").split("|")
+    return names
+
+
+class LayerCheck:
+    """One layer's check around its post-processing."""
+
+    def __init__(self, check: RankCheck, name: str, module: Any, layer_type: str,
+                 post_process: Any) -> None:
+        self.check, self.name, self.module, self.layer_type = check, name, module, layer_type
+        self.post_process = post_process
+
+    def _kernel_and_scheme(self) -> tuple[str, str]:
+        if self.layer_type == "moe":
+            row = report.moe_row(self.name, self.module)
+        else:
+            row = report.linear_row(self.name, self.module, self.layer_type)
+        return row["kernel"], row["scheme"]
+
+    def _capture(self) -> Any:
+        if self.layer_type == "moe":
+            return sample.capture_moe(self.name, self.module, self.check.config.seed)
+        holder = getattr(self.module, "scheme", None)
+        kernel = report.kernel_of(holder) if holder is not None else None
+        kernel = kernel or report.kernel_of(self.module.quant_method)
+        scheme = report.scheme_of(kernel, getattr(self.module, "weight", None))
+        return sample.capture_linear(self.name, self.module, kernel, scheme)
+
+    def _measure(self, taken: Any, kernel: str) -> LayerResult:
+        if self.layer_type == "moe":
+            return measure.check_moe(self.module, taken, kernel, self.check.config.seed)
+        return measure.check_linear(self.module, taken, kernel, self.layer_type,
+                                    self.check.config.seed)
+
+    def run(self) -> None:
+        try:
+            taken, reason = self._capture(), ""
+        except schemes.Unchecked as exc:
+            taken, reason = None, str(exc)
+        policy = self.check.config.policy
+        slot = replacement.slot_of(self.module) if self.layer_type != "moe" else None
+        kept = replacement.KeptTensors.of(self.module) \
+            if taken is not None and policy == "fallback" and slot is not None else None
+        start = time.perf_counter()
+        self.post_process(self.module)
+        kernel, scheme = self._kernel_and_scheme()
+        if taken is None:
+            result = measure.unchecked(self.name, self.layer_type, kernel, scheme, reason)
+        else:
+            self.check.sample_bytes += taken.nbytes()
+            try:
+                result = self._measure(taken, kernel)
+            except schemes.Unchecked as exc:
+                result = measure.unchecked(self.name, self.layer_type, kernel, scheme, str(exc))
+            if result.verdict in FAILING and kept is not None and slot is not None:
+                result = self._replace(taken, result, slot, kept)
+        self.check.seconds += time.perf_counter() - start
+        self.check.layers.append(result)
+
+    def _replace(self, taken: Any, rejected: LayerResult, slot: replacement.KernelSlot,
+                 kept: replacement.KeptTensors) -> LayerResult:
+        """Try vLLM's next candidates in place; keep the fastest that passes."""
+        k, dtype = taken.weight.shape[1], taken.out_dtype
+        rejected_seconds = replacement.seconds_per_call(self.module, k, dtype)
+        key = (rejected.kernel, rejected.scheme, tuple(self.module.weight.shape))
+        reasons = dict.fromkeys(_kernel_classes(rejected.kernel), SELFCHECK)
+        tried: list[dict[str, Any]] = []
+        winner = self.check.decisions.get(key)
+        passing: list[tuple[float, str]] = []
+        current = slot.kernel
+        while True:
+            candidate = replacement.next_kernel(current, reasons)
+            if candidate is None:
+                break
+            name = report.kernel_name(candidate)
+            replacement.install(self.module, slot, candidate, kept, self.post_process)
+            result = self._measure(taken, name)
+            seconds = replacement.seconds_per_call(self.module, k, dtype)
+            tried.append({"kernel": name, "verdict": result.verdict,
+                          "excess_bits": result.excess_bits, "seconds": round(seconds, 6)})
+            if result.verdict == "pass":
+                passing.append((seconds, name))
+                if winner == name:
+                    break  # the same shape chose it before: no need to time the rest
+            for part in _kernel_classes(name):
+                reasons.setdefault(part, SELFCHECK if result.verdict != "pass" else SLOWER)
+            current = candidate
+        info: dict[str, Any] = {"rejected": rejected.kernel, "rejected_verdict": rejected.verdict,
+                                "rejected_excess_bits": rejected.excess_bits,
+                                "rejected_bits": rejected.bits, "candidates": tried}
+        if not passing:
+            info["kernel"] = None
+            rejected.replacement = info
+            rejected.reason = "no candidate kernel of vLLM's passed the self-check"
+            return rejected  # the layer's slot holds the last candidate tried; start-up refuses
+        seconds, best = min(passing)
+        self.check.decisions[key] = best
+        # Rebuild the winner with every other candidate turned down, so the inventory records
+        # why each was not taken.
+        final_reasons = {part: reason for part, reason in reasons.items()
+                         if part not in _kernel_classes(best)}
+        chosen = replacement.next_kernel(slot.kernel, final_reasons)
+        assert chosen is not None, f"{best} passed but vLLM no longer offers it"
+        replacement.install(self.module, slot, chosen, kept, self.post_process)
+        result = self._measure(taken, report.kernel_name(chosen))
+        info.update(kernel=result.kernel, cost_ratio=round(seconds / rejected_seconds, 4)
+                    if rejected_seconds > 0 else None)
+        result.replacement = info
+        logger.warning("gemmguard: %s: %s %s (excess %s bits); replaced by %s (%.2fx its time)",
+                       self.name, rejected.kernel, rejected.verdict, rejected.excess_bits,
+                       result.kernel, info["cost_ratio"] or 0.0)
+        return result
+
+
+def _wrap_method(check: RankCheck, method: Any, layers: dict[int, tuple[str, str]]) -> None:
+    """Shadow a quant method's post-processing with the checked one (instance-level).
+
+    A method object may serve several layers; each call is checked for the layer it is given.
+    """
+    original = method.process_weights_after_loading
+
+    @functools.wraps(original)
+    def post_process(layer: Any, *args: Any, **kwargs: Any) -> Any:
+        if id(layer) not in layers:
+            return original(layer, *args, **kwargs)
+        name, layer_type = layers.pop(id(layer))
+        LayerCheck(check, name, layer, layer_type,
+                   lambda target: original(target, *args, **kwargs)).run()
+        return None
+
+    method.process_weights_after_loading = post_process
+
+
+def _wrap_model(check: RankCheck, model: torch.nn.Module) -> None:
+    by_method: dict[int, tuple[Any, dict[int, tuple[str, str]]]] = {}
+    for name, module in model.named_modules():
+        method = getattr(module, "quant_method", None)
+        layer_type = _layer_type(module) if method is not None else None
+        if layer_type is not None:
+            by_method.setdefault(id(method), (method, {}))[1][id(module)] = (name, layer_type)
+    for method, layers in by_method.values():
+        _wrap_method(check, method, layers)
+
+
+def _unwrap(model: torch.nn.Module) -> None:
+    for module in model.modules():
+        method = getattr(module, "quant_method", None)
+        if method is not None and "process_weights_after_loading" in vars(method):
+            del method.process_weights_after_loading
+
+
+def verdict_counts(layers: list[LayerResult]) -> dict[str, int]:
+    counts = dict.fromkeys(measure.VERDICTS, 0)
+    for layer in layers:
+        counts[layer.verdict] += 1
+    return counts
+
+
+def refusal(check: RankCheck) -> str:
+    """Why start-up must stop under the policy, or "" when the engine may serve."""
+    config = check.config
+    failing = [r for r in check.layers if r.verdict in FAILING]
+    unchecked = [r for r in check.layers if r.verdict == "unchecked"]
+    reasons = []
+    if failing and config.policy != "warn":
+        if config.policy == "fail":
+            reasons.append(f"{len(failing)} layer(s) failed the self-check (policy fail)")
+        else:
+            reasons.append(f"{len(failing)} layer(s) failed and no kernel vLLM offers could "
+                           "replace theirs in place")
+    if unchecked and config.unchecked == "fail":
+        reasons.append(f"{len(unchecked)} layer(s) could not be checked (--selfcheck-unchecked "
+                       "fail): " + ", ".join(f"{r.layer} ({r.reason})" for r in unchecked[:5]))
+    return "; ".join(reasons)
+
+
+def finish(check: RankCheck, rank: int) -> None:
+    """Log the rank's summary; refuse start-up (SelfcheckFailed) when the policy says so."""
+    counts = verdict_counts(check.layers)
+    replaced = sum(1 for r in check.layers if r.replacement and r.replacement.get("kernel"))
+    line = (f"gemmguard self-check (rank {rank}): {counts['pass']} pass, {counts['degraded']} "
+            f"degraded, {counts['broken']} broken, {counts['unchecked']} unchecked, "
+            f"{replaced} replaced in place, {check.seconds:.2f}s, policy {check.config.policy}")
+    if counts["unchecked"]:
+        line += f"; check incomplete (--selfcheck-unchecked {check.config.unchecked})"
+    quiet = counts["unchecked"] == 0 or check.config.unchecked == "allow"
+    (logger.info if quiet and not (counts["degraded"] or counts["broken"]) else logger.warning)(
+        "%s", line)
+    check.refusal = refusal(check)
+    if not check.refusal:
+        return
+    if check.config.report_file:
+        from gemmguard.selfcheck.policy import Outcome
+
+        outcome = Outcome(check.config.policy, [check.as_dict(rank)], check.config.unchecked)
+        path = Path(f"{check.config.report_file}.rank{rank}")
+        path.write_text(json.dumps(outcome.as_dict(), indent=1))
+    from gemmguard.selfcheck.policy import Outcome, summary
+
+    text = summary(Outcome(check.config.policy, [check.as_dict(rank)], check.config.unchecked))
+    logger.error("%s", text)
+    raise SelfcheckFailed(f"gemmguard refuses to serve: {check.refusal}.\n{text}")
+
+
+CHECK_PATCH = ledger.Patch(
+    name="selfcheck-at-load",
+    why="The self-check's reference must come from the checkpoint's own representation "
+    "(kernels re-quantize or repack weights when post-processing), and a failing kernel must "
+    "be replaced before torch.compile and CUDA graphs capture it.",
+    how="Rebind process_weights_after_loading in vllm.model_executor.model_loader.base_loader "
+    "(looked up there by name at call time); for the walk, shadow each GEMM layer's "
+    "quant_method.process_weights_after_loading with one that samples, post-processes, checks "
+    "and, under policy fallback, re-chooses the kernel through vLLM's own chooser.",
+    upstream="none: vLLM keeps no copy of the checkpoint weights after post-processing and has "
+    "no per-layer post-load hook.",
+    remove_when="vLLM exposes a per-layer post-load hook and a kernel re-selection API.",
+)
+_INSTALLED = False
+
+
+def install(config: CheckConfig) -> None:
+    """Wrap the loader's post-processing step once per process."""
+    global _INSTALLED
+    _CHECK.config = config
+    if _INSTALLED:
+        return
+    _INSTALLED = True
+    loader = vllm_adapter.loader_module()
+    original = loader.process_weights_after_loading
+
+    @functools.wraps(original)
+    def process_weights_after_loading(model: Any, *args: Any, **kwargs: Any) -> Any:
+        check = _CHECK
+        check.layers.clear()
+        check.seconds, check.sample_bytes = 0.0, 0
+        check.model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        _wrap_model(check, model)
+        try:
+            result = original(model, *args, **kwargs)
+        finally:
+            _unwrap(model)
+        finish(check, vllm_adapter.global_rank())
+        return result
+
+    loader.process_weights_after_loading = process_weights_after_loading
+    ledger.record(CHECK_PATCH)
