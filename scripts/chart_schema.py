@@ -36,14 +36,17 @@ CONSTRAINTS: dict[str, dict[str, Any]] = {
     "engine.envFrom": {"items": {"type": "object"}},
     "gemmguard.selfcheckPolicy": {"enum": ["warn", "fallback", "fail"]},
     "gemmguard.denyKernels": {"items": {"type": "string", "minLength": 1}},
+    "gemmguard.selfcheckRefusalLinger": {"minimum": 0},
     "gpu.resourceName": {"pattern": "^([a-z0-9.-]+/[a-z0-9.-]+)?$"},
     "gpu.count": {"type": ["integer", "null"], "minimum": 1},
+    "gpu.deviceGroups": {"items": {"type": "integer", "minimum": 0}, "uniqueItems": True},
     "persistence.storageClass": {"type": ["string", "null"]},
     "persistence.accessModes": {
         "items": {"enum": ["ReadWriteOnce", "ReadOnlyMany", "ReadWriteMany", "ReadWriteOncePod"]},
         "minItems": 1,
     },
     "persistence.size": {"pattern": "^[0-9]+(\\.[0-9]+)?(Ki|Mi|Gi|Ti|Pi|k|M|G|T|P)?$"},
+    "persistence.emptyDirSizeLimit": {"pattern": "^[0-9]+(\\.[0-9]+)?(Ki|Mi|Gi|Ti|Pi|k|M|G|T|P)?$"},
     "shm.sizeLimit": {"pattern": "^[0-9]+(\\.[0-9]+)?(Ki|Mi|Gi|Ti|k|M|G|T)?$"},
     "probes.startup.periodSeconds": {"minimum": 1},
     "probes.startup.failureThreshold": {"minimum": 1},
@@ -62,9 +65,66 @@ CONSTRAINTS: dict[str, dict[str, Any]] = {
     "autoscaling.minReplicas": {"minimum": 1},
     "autoscaling.maxReplicas": {"minimum": 1},
     "multiNode.size": {"minimum": 2},
-    "multiNode.rayPort": {"minimum": 1, "maximum": 65535},
+    "multiNode.masterPort": {"minimum": 1, "maximum": 65535},
     "prometheusRule.runbookUrl": {"format": "uri", "pattern": "^https?://"},
 }
+
+# A Prometheus duration, as a rule's `for:` takes it.
+DURATION = {"pattern": "^([0-9]+(ms|s|m|h|d|w|y))+$"}
+
+# Rules across keys, as JSON-schema if/then (helm checks the merged values against them).
+_SINGLE_WRITER = {"contains": {"enum": ["ReadWriteOnce", "ReadWriteOncePod"]}}
+
+
+def _switch(value: bool) -> dict[str, Any]:
+    return {"properties": {"enabled": {"const": value}}, "required": ["enabled"]}
+
+
+_ON_SINGLE_WRITER_CLAIM = {
+    "persistence": {
+        "properties": {"enabled": {"const": True}, "accessModes": _SINGLE_WRITER},
+        "required": ["enabled", "accessModes"],
+    }
+}
+CROSS_CONSTRAINTS: list[dict[str, Any]] = [
+    {
+        "description": "An HPA above one replica cannot share a ReadWriteOnce claim: set "
+        "persistence.accessModes to [ReadWriteMany] (a class that offers it) or "
+        "autoscaling.maxReplicas to 1.",
+        "if": {
+            "properties": {
+                "autoscaling": _switch(True),
+                **_ON_SINGLE_WRITER_CLAIM,
+            },
+            "required": ["autoscaling", "persistence"],
+        },
+        "then": {"properties": {"autoscaling": {"properties": {"maxReplicas": {"maximum": 1}}}}},
+    },
+    {
+        "description": "Several replicas cannot share a ReadWriteOnce claim: set "
+        "persistence.accessModes to [ReadWriteMany] or replicaCount to 1.",
+        "if": {
+            "properties": {
+                "autoscaling": _switch(False),
+                **_ON_SINGLE_WRITER_CLAIM,
+            },
+            "required": ["autoscaling", "persistence"],
+        },
+        "then": {"properties": {"replicaCount": {"maximum": 1}}},
+    },
+    {
+        "description": "The pods of a multi-node group run on different nodes and cannot share a "
+        "ReadWriteOnce claim: set persistence.accessModes to [ReadWriteMany].",
+        "if": {
+            "properties": {
+                "multiNode": _switch(True),
+                **_ON_SINGLE_WRITER_CLAIM,
+            },
+            "required": ["multiNode", "persistence"],
+        },
+        "then": False,
+    },
+]
 
 _KEY = re.compile(r"^(?P<indent> *)(?P<key>[A-Za-z0-9_.-]+):(\s|$)")
 _DOC = re.compile(r"^(?P<indent> *)# -- ?(?P<text>.*)$")
@@ -146,6 +206,8 @@ def render() -> str:
     text = (CHART / "values.yaml").read_text()
     values = yaml.safe_load(text)
     docs = read_docs(text)
+    for alert in values["prometheusRule"]["alertFor"]:
+        CONSTRAINTS[f"prometheusRule.alertFor.{alert}"] = DURATION
     for key in CONSTRAINTS:
         if key not in docs:
             raise SystemExit(f"CONSTRAINTS names '{key}', which values.yaml does not have.")
@@ -166,6 +228,7 @@ def render() -> str:
             "Generated from values.yaml by scripts/chart_schema.py: edit values.yaml, rerun it."
         ),
         **schema,
+        "allOf": CROSS_CONSTRAINTS,
     }
     return json.dumps(schema, indent=2) + "\n"
 

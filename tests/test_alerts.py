@@ -23,29 +23,39 @@ RULES = CHART / "files" / "alerts.yaml"
 UNIT_TESTS = ROOT / "tests" / "promtool" / "alerts_test.yaml"
 RUNBOOK = CHART / "RUNBOOK.md"
 
-# The alerts the chart promises (issue 6); more may be added, none of these removed.
+# The alerts the chart promises (issues 6 and 16); more may be added, none of these removed.
+# GemmguardEngineNotLive (a gauge that died with the pod) became GemmguardCanaryFailing and
+# GemmguardServerRestarted: chart README, "Upgrading", 0.2.0.
 REQUIRED_ALERTS = {
     "GemmguardKernelFallback",
     "GemmguardSelfcheckFailed",
     "GemmguardSelfcheckDegraded",
+    "GemmguardSelfcheckRefused",
     "GemmguardEngineFixMissing",
-    "GemmguardEngineNotLive",
+    "GemmguardCanaryFailing",
+    "GemmguardServerRestarted",
     "GemmguardNotReady",
 }
-# DESIGN.md "The contract": every gemmguard metric name; plus kube-state-metrics' readiness.
+# DESIGN.md "The contract": every gemmguard metric name, the ones issue 16 adds (restarts and
+# refusals, counted across container restarts); plus kube-state-metrics' readiness.
 CONTRACT_METRICS = {
     "gemmguard_layer_kernel_info",
     "gemmguard_kernel_layers",
     "gemmguard_kernel_fallback_total",
     "gemmguard_selfcheck_passed",
+    "gemmguard_selfcheck_complete",
     "gemmguard_selfcheck_layers",
     "gemmguard_selfcheck_duration_seconds",
     "gemmguard_selfcheck_excess_bits",
+    "gemmguard_selfcheck_rejected_layers",
+    "gemmguard_selfcheck_replacement_cost_ratio",
+    "gemmguard_selfcheck_refusals_total",
     "gemmguard_engine_fix_info",
     "gemmguard_build_info",
     "gemmguard_engine_live",
     "gemmguard_canary_latency_seconds",
     "gemmguard_canary_failures_total",
+    "gemmguard_server_restarts_total",
     "kube_pod_container_status_ready",
 }
 

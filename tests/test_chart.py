@@ -9,6 +9,7 @@ their rules by promtool in test_alerts.py, and the rest by the assertions below.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -48,10 +49,14 @@ def _run(args: list[str], stdin: str | None = None) -> subprocess.CompletedProce
     )
 
 
+# What an operator must add to a profile on the command line (the profile cannot know it).
+PROFILE_SETTINGS = {"values-gfx950.yaml": ["--set", "gpu.deviceGroups={44,109}"]}
+
+
 def _value_files(case: str) -> list[str]:
     """-f arguments for a profile, or for a CI scenario on top of SCENARIO_BASE."""
     if case in PROFILES:
-        return ["-f", str(CHART / case)]
+        return ["-f", str(CHART / case), *PROFILE_SETTINGS.get(case, [])]
     return ["-f", str(CHART / SCENARIO_BASE), "-f", str(CHART / "ci" / case)]
 
 
@@ -212,7 +217,7 @@ def test_serve_arguments() -> None:
     assert container["command"] == ["gemmguard", "serve"]
     assert container["args"] == [
         "--host", "0.0.0.0", "--port", "8000", "--tensor-parallel-size", "1",
-        "--selfcheck-policy", "fallback",
+        "--selfcheck-policy", "fallback", "--selfcheck-refusal-linger", "600",
     ]  # fmt: skip
     (pod,) = _server_pods(
         render(
@@ -257,7 +262,8 @@ def test_cache_volume_is_a_claim_only_with_persistence() -> None:
     manifests = render()
     assert not [m for m in manifests if m["kind"] == "PersistentVolumeClaim"]
     (pod,) = _server_pods(manifests)
-    assert {"name": "cache", "emptyDir": {}} in pod["volumes"]
+    # Without a limit a download fills the node's disk; with one the kubelet evicts just this pod.
+    assert {"name": "cache", "emptyDir": {"sizeLimit": "200Gi"}} in pod["volumes"]
 
     manifests = render("--set", "persistence.enabled=true")
     pvc = _one(manifests, "PersistentVolumeClaim")
@@ -293,35 +299,127 @@ def test_defaults_leave_optional_objects_off() -> None:
     assert kinds == {"Deployment", "Service", "ServiceAccount", "PodDisruptionBudget", "Pod"}
 
 
-def test_multinode_renders_a_leaderworkerset_running_ray() -> None:
+def _lws_pod_specs(manifests: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    template = _one(manifests, "LeaderWorkerSet")["spec"]["leaderWorkerTemplate"]
+    return {"leader": template["leaderTemplate"]["spec"],
+            "worker": template["workerTemplate"]["spec"]}
+
+
+# What LWS and the kubelet give a group's pods at run time: LWS's env, the downward API's values.
+LWS_ENV = {"LWS_LEADER_ADDRESS": "llm-gemmguard-0.llm-gemmguard.llm", "LWS_GROUP_SIZE": "2"}
+WORKER_INDEX = "metadata.labels['leaderworkerset.sigs.k8s.io/worker-index']"
+
+
+def _process(pod_spec: dict[str, Any], worker_index: int) -> tuple[list[str], dict[str, str]]:
+    """argv and environment of the server container's process, as the kubelet starts it."""
+    container = _container(pod_spec)
+    env = dict(LWS_ENV)
+    for item in container.get("env", []):
+        if "value" in item:
+            env[item["name"]] = item["value"]
+        elif "fieldRef" in item["valueFrom"]:
+            path = item["valueFrom"]["fieldRef"]["fieldPath"]
+            env[item["name"]] = {"status.podIP": f"10.0.0.{worker_index + 1}",
+                                 WORKER_INDEX: str(worker_index)}[path]
+        else:
+            env[item["name"]] = "from-a-secret"
+    # The kubelet expands $(VAR) from the container's environment in command and args.
+    argv = [re.sub(r"\$\((\w+)\)", lambda m: env.get(m.group(1), m.group(0)), arg)
+            for arg in container["command"] + container["args"]]
+    return argv, env
+
+
+def test_multinode_runs_vllms_multiprocessing_executor_on_every_node() -> None:
     manifests = render(*_value_files("multinode-values.yaml"))
-    kinds = [m["kind"] for m in manifests]
-    assert "Deployment" not in kinds
+    assert "Deployment" not in [m["kind"] for m in manifests]
     lws = _one(manifests, "LeaderWorkerSet")
     assert lws["apiVersion"] == "leaderworkerset.x-k8s.io/v1"
     template = lws["spec"]["leaderWorkerTemplate"]
     assert template["size"] == 2
     assert template["restartPolicy"] == "RecreateGroupOnPodRestart"
+    assert "ray" not in json.dumps(manifests).lower().replace("array", ""), "no Ray anywhere"
 
-    leader = _container(template["leaderTemplate"]["spec"])
-    script = leader["command"][2]
-    assert "ray start --head --port=6379" in script
-    assert 'exec gemmguard serve "$@"' in script
-    args = leader["args"]
-    assert args[args.index("--distributed-executor-backend") + 1] == "ray"
-    assert args[args.index("--pipeline-parallel-size") + 1] == "2"
-    assert args[args.index("--tensor-parallel-size") + 1] == "8"
-
-    worker = _container(template["workerTemplate"]["spec"])
-    assert 'ray start --address="${LWS_LEADER_ADDRESS}:6379" --block' in worker["command"][2]
-    assert "readinessProbe" not in worker, "workers run Ray only; they serve no API"
-    assert worker["resources"]["limits"]["nvidia.com/gpu"] == 8
+    specs = _lws_pod_specs(manifests)
+    leader, worker = _container(specs["leader"]), _container(specs["worker"])
+    for container in (leader, worker):
+        assert container["command"] == ["gemmguard", "serve"]
+        args = container["args"]
+        assert args[args.index("--distributed-executor-backend") + 1] == "mp"
+        assert args[args.index("--nnodes") + 1] == "2"
+        assert args[args.index("--pipeline-parallel-size") + 1] == "2"
+        assert args[args.index("--tensor-parallel-size") + 1] == "8"
+        assert args[args.index("--master-addr") + 1] == "$(LWS_LEADER_ADDRESS)"
+        assert args[args.index("--master-port") + 1] == "29501"
+        assert container["resources"]["limits"]["nvidia.com/gpu"] == 8
+    assert leader["args"][leader["args"].index("--node-rank") + 1] == "0"
+    assert "--headless" not in leader["args"]
+    assert worker["args"][worker["args"].index("--node-rank") + 1] == "$(GEMMGUARD_NODE_RANK)"
+    assert "--headless" in worker["args"]
+    assert "readinessProbe" not in worker and "ports" not in worker, "workers serve no API"
 
     service = _one(manifests, "Service")
     assert service["spec"]["selector"]["app.kubernetes.io/component"] == "leader"
-    assert (
-        template["leaderTemplate"]["metadata"]["labels"]["app.kubernetes.io/component"] == "leader"
-    )
+    leader_labels = template["leaderTemplate"]["metadata"]["labels"]
+    assert leader_labels["app.kubernetes.io/component"] == "leader"
+
+
+def _vllm_parse(argv: list[str]) -> Any:
+    """vLLM's own `serve` parser on `argv`: the options must exist in the installed vLLM."""
+    from gemmguard import vllm_adapter
+
+    parser_cls = vllm_adapter.flexible_argument_parser()
+    parser = parser_cls(prog="gemmguard serve")
+    subparsers = parser.add_subparsers(dest="subparser", parser_class=parser_cls)
+    vllm_adapter.serve_subcommand()().subparser_init(subparsers)
+    return parser.parse_args(["serve", *argv])
+
+
+def test_gemmguard_settings_reach_the_processes_of_every_node() -> None:
+    from conftest import free_port
+    from gemmguard.launcher import plan_serve
+
+    manifests = render(
+        *_value_files("multinode-values.yaml"),
+        "--set", f"engine.port={free_port()}",
+        "--set", "gemmguard.selfcheckPolicy=fail",
+        "--set", "gemmguard.denyKernels={DeepGemmFp8BlockScaledMMKernel}",
+        "--set", "gemmguard.perLayerMetrics=false",
+        "--set", "engine.env[0].name=GEMMGUARD_CANARY_INTERVAL",
+        "--set-string", "engine.env[0].value=15",
+    )  # fmt: skip
+    specs = _lws_pod_specs(manifests)
+    plans = {}
+    for role, index in (("leader", 0), ("worker", 1)):
+        argv, env = _process(specs[role], index)
+        assert argv[:2] == ["gemmguard", "serve"]
+        # `gemmguard serve` turns its options into the environment of the vLLM processes it starts
+        # (API server, engine core, workers): the plan is what they inherit.
+        plans[role] = plan_serve(argv[2:], environ=env)
+
+    def gemmguard_env(role: str) -> dict[str, str]:
+        return {k: v for k, v in plans[role].env.items()
+                if k.startswith("GEMMGUARD_") and k != "GEMMGUARD_NODE_RANK"
+                or k in ("VLLM_PLUGINS", "VLLM_DISABLED_KERNELS")}
+
+    worker_env = gemmguard_env("worker")
+    assert worker_env == gemmguard_env("leader")
+    assert worker_env["GEMMGUARD_SELFCHECK_POLICY"] == "fail"
+    assert worker_env["GEMMGUARD_DENY_KERNELS"] == "DeepGemmFp8BlockScaledMMKernel"
+    assert "DeepGemmFp8BlockScaledMMKernel" in worker_env["VLLM_DISABLED_KERNELS"]
+    assert worker_env["GEMMGUARD_PER_LAYER_METRICS"] == "0"
+    assert worker_env["GEMMGUARD_CANARY_INTERVAL"] == "15"
+    assert worker_env["GEMMGUARD_STATE_DIR"] == "/var/lib/gemmguard"
+    assert "gemmguard" in worker_env["VLLM_PLUGINS"].split(",")
+
+    for role, index in (("leader", 0), ("worker", 1)):
+        plan = plans[role]
+        parsed = _vllm_parse([plan.model, *plan.vllm_args])
+        assert parsed.headless is (role == "worker")
+        assert (parsed.nnodes, parsed.node_rank) == (2, index)
+        assert parsed.master_addr == LWS_ENV["LWS_LEADER_ADDRESS"]
+        assert parsed.distributed_executor_backend == "mp"
+        assert parsed.worker_extension_cls == plans["leader"].vllm_args[
+            plans["leader"].vllm_args.index("--worker-extension-cls") + 1]
 
 
 def test_full_observability_renders_every_optional_object() -> None:
@@ -356,20 +454,50 @@ def test_prometheus_rule_runbook_url_is_configurable() -> None:
     assert urls and all(u.startswith(url + "#") for u in urls), urls
 
 
+def _dashboard_exprs() -> list[str]:
+    dashboard = json.loads((CHART / "files" / "dashboard.json").read_text())
+    return [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
+
+
 def test_dashboard_configmap_carries_the_kernel_panels() -> None:
     manifests = render("--set", "dashboard.enabled=true")
     configmap = _one(manifests, "ConfigMap")
     assert configmap["metadata"]["labels"]["grafana_dashboard"] == "1"
     dashboard = json.loads(configmap["data"]["gemmguard.json"])
-    exprs = " ".join(t["expr"] for p in dashboard["panels"] for t in p.get("targets", []))
+    shipped = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
+    assert shipped == _dashboard_exprs()
+    metrics = {m for e in shipped for m in re.findall(r"\b(gemmguard_[a-z_]+)", e)}
     for metric in (
         "gemmguard_kernel_layers",
         "gemmguard_kernel_fallback_total",
         "gemmguard_selfcheck_passed",
         "gemmguard_selfcheck_layers",
         "gemmguard_engine_fix_info",
+        "gemmguard_canary_failures_total",
+        "gemmguard_server_restarts_total",
+        "gemmguard_selfcheck_refusals_total",
     ):
-        assert metric in exprs, f"the dashboard has no panel on {metric}"
+        assert metric in metrics, f"the dashboard has no panel on {metric}"
+
+
+def test_dashboard_queries_name_series_that_exist() -> None:
+    from test_alerts import CONTRACT_METRICS
+
+    histograms = {"gemmguard_canary_latency_seconds"}
+    # Written once when the engine loads, i.e. born at their final value: increase()/rate() read 0.
+    born_at_final_value = {"gemmguard_kernel_fallback_total", "gemmguard_selfcheck_refusals_total"}
+    for expr in _dashboard_exprs():
+        for name in re.findall(r"\b(gemmguard_[a-z_]+)", expr):
+            base = re.sub(r"_(bucket|sum|count)$", "", name)
+            if base in histograms:
+                # A histogram has no series under its bare name: only _bucket, _sum, _count.
+                assert name != base, f"{expr!r} queries the histogram {base} by its bare name"
+                assert "histogram_quantile" in expr or name.endswith(("_sum", "_count"))
+            else:
+                assert name in CONTRACT_METRICS, f"{expr!r} names {name}, which nothing exports"
+            if name in born_at_final_value:
+                assert not re.search(rf"(increase|rate|irate)\(\s*{name}", expr), (
+                    f"{expr!r}: {name} is born at its final value, so its increase is always 0")
 
 
 def test_hpa_without_metrics_is_refused() -> None:
@@ -416,6 +544,57 @@ def test_notes_print_port_forward_and_curl(tmp_path: Path) -> None:
     assert "curl http://127.0.0.1:8000/v1/models" in notes
 
 
+@pytest.mark.parametrize("case", PROFILES + SCENARIOS)
+def test_pods_request_cpu_and_memory(case: str) -> None:
+    # A pod without requests is BestEffort: the first the kubelet evicts under memory pressure.
+    manifests = render(*_value_files(case))
+    specs = _server_pods(manifests) + [
+        s for m in manifests if m["kind"] == "LeaderWorkerSet"
+        for s in [m["spec"]["leaderWorkerTemplate"]["workerTemplate"]["spec"]]
+    ]
+    for spec in specs:
+        requests = _container(spec)["resources"].get("requests", {})
+        assert {"cpu", "memory"} <= set(requests), f"{case}: requests {requests}"
+
+
+@pytest.mark.parametrize("case", ["values.yaml", *PROFILES, *SCENARIOS])
+def test_counters_persist_in_a_pod_lifetime_volume(case: str) -> None:
+    manifests = render(*([] if case == "values.yaml" else _value_files(case)))
+    specs = _server_pods(manifests) + [
+        m["spec"]["leaderWorkerTemplate"]["workerTemplate"]["spec"]
+        for m in manifests if m["kind"] == "LeaderWorkerSet"
+    ]
+    for spec in specs:
+        container = _container(spec)
+        env = {e["name"]: e.get("value") for e in container["env"]}
+        mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+        volume = next(v for v in spec["volumes"] if v["name"] == mounts[env["GEMMGUARD_STATE_DIR"]])
+        # emptyDir: lives through container restarts, dies with the pod (not a shared claim).
+        assert set(volume) == {"name", "emptyDir"} and volume["emptyDir"].get("medium") != "Memory"
+
+
+def test_amd_gpus_need_the_device_groups_from_values() -> None:
+    result = _run([tool("helm"), "template", "llm", str(CHART),
+                   "-f", str(CHART / "values-gfx950.yaml")])
+    assert result.returncode != 0
+    assert "gpu.deviceGroups" in result.stderr and "getent group video render" in result.stderr
+    (pod,) = _server_pods(render(*_value_files("values-gfx950.yaml")))
+    assert pod["securityContext"]["supplementalGroups"] == [44, 109]
+    (pod,) = _server_pods(render("--set", "gpu.deviceGroups={39}"))
+    assert pod["securityContext"]["supplementalGroups"] == [39]
+
+
+def test_refusal_linger_stays_inside_the_startup_budget() -> None:
+    # The refusing server answers /gemmguard/ready with 503; the kubelet must not kill it first.
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    startup = values["probes"]["startup"]
+    linger = values["gemmguard"]["selfcheckRefusalLinger"]
+    assert 0 < linger < startup["periodSeconds"] * startup["failureThreshold"]
+    (pod,) = _server_pods(render("--set", "gemmguard.selfcheckRefusalLinger=0"))
+    args = _container(pod)["args"]
+    assert args[args.index("--selfcheck-refusal-linger") + 1] == "0"
+
+
 # --- values schema ---------------------------------------------------------------------------
 
 
@@ -428,6 +607,9 @@ def test_notes_print_port_forward_and_curl(tmp_path: Path) -> None:
         "probes.liveness.path=/v1/models",
         "engine.tensorParallelSize=0",
         "typo=1",
+        "prometheusRule.alertFor.GemmguardCanaryFailing=soon",
+        "prometheusRule.alertFor.GemmguardTypo=1m",
+        "gpu.deviceGroups={video}",
     ],
 )
 def test_schema_rejects_bad_values(setting: str) -> None:
@@ -463,3 +645,53 @@ def test_value_files_fit_the_schema(case: str) -> None:
     schema = json.loads((CHART / "values.schema.json").read_text())
     directory = CHART if case in PROFILES else CHART / "ci"
     jsonschema.Draft7Validator(schema).validate(yaml.safe_load((directory / case).read_text()))
+
+
+HPA_METRICS = ('autoscaling.metrics=[{"type": "Pods", "pods": {"metric": {"name": '
+               '"vllm_num_requests_waiting"}, "target": {"type": "AverageValue", '
+               '"averageValue": "5"}}}]')
+
+
+@pytest.mark.parametrize(
+    ("settings", "accepted"),
+    [
+        (["--set", "autoscaling.enabled=true", "--set", "autoscaling.maxReplicas=4"], False),
+        (["--set", "autoscaling.enabled=true", "--set", "autoscaling.maxReplicas=1"], True),
+        (["--set", "autoscaling.enabled=true", "--set", "autoscaling.maxReplicas=4",
+          "--set", "persistence.accessModes={ReadWriteMany}"], True),
+        (["--set", "autoscaling.enabled=true", "--set", "autoscaling.maxReplicas=4",
+          "--set", "persistence.accessModes={ReadWriteOncePod}"], False),
+        (["--set", "replicaCount=2"], False),
+        (["--set", "replicaCount=2", "--set", "persistence.accessModes={ReadWriteMany}"], True),
+        (["--set", "multiNode.enabled=true"], False),
+        (["--set", "multiNode.enabled=true", "--set", "persistence.accessModes={ReadWriteMany}"],
+         True),
+    ],
+)
+def test_schema_rejects_several_pods_on_one_readwriteonce_claim(
+    settings: list[str], accepted: bool
+) -> None:
+    args = ["--set", "persistence.enabled=true", "--set-json", HPA_METRICS, *settings]
+    result = _run([tool("helm"), "template", "llm", str(CHART), *args])
+    if accepted:
+        assert result.returncode == 0, result.stderr
+    else:
+        assert result.returncode != 0, f"{settings} was accepted"
+        assert "don't meet the specifications of the schema" in result.stderr, result.stderr
+    # Without a claim the pods share nothing: any count is fine.
+    result = _run([tool("helm"), "template", "llm", str(CHART), "--set-json", HPA_METRICS,
+                   *settings])
+    assert result.returncode == 0, result.stderr
+
+
+def test_alert_for_durations_come_from_values() -> None:
+    rule = _one(render("--set", "prometheusRule.enabled=true",
+                       "--set", "prometheusRule.alertFor.GemmguardCanaryFailing=7s"),
+                "PrometheusRule")
+    durations = {r["alert"]: r["for"] for g in rule["spec"]["groups"] for r in g["rules"]}
+    assert durations["GemmguardCanaryFailing"] == "7s"
+    values = yaml.safe_load((CHART / "values.yaml").read_text())["prometheusRule"]["alertFor"]
+    shipped = yaml.safe_load((CHART / "files" / "alerts.yaml").read_text())
+    in_file = {r["alert"]: r["for"] for g in shipped["groups"] for r in g["rules"]}
+    # promtool's unit tests run on files/alerts.yaml: its durations must be the shipped defaults.
+    assert values == in_file

@@ -99,36 +99,74 @@ extended resources, and Kubernetes accepts them only when both are equal).
 
 {{/*
 gemmguard.serveArgs: the arguments of `gemmguard serve`, as a YAML list: the model, the chart's flags, then
-engine.extraArgs unchanged. Multi-node adds vLLM's Ray executor and one pipeline stage per node.
+engine.extraArgs unchanged. Call with (dict "root" $ "role" ROLE). Multi-node ("leader", "worker") adds
+vLLM's multiprocessing executor across multiNode.size nodes, one pipeline stage per node: every node runs the
+same command, the leader as node rank 0 and the workers --headless with their LWS worker index, so
+gemmguard's options reach the vLLM processes of every node.
 */}}
 {{- define "gemmguard.serveArgs" -}}
-{{- with .Values.engine.model }}
+{{- $values := .root.Values }}
+{{- with $values.engine.model }}
 - {{ . | quote }}
 {{- end }}
 - --host
 - 0.0.0.0
 - --port
-- {{ .Values.engine.port | quote }}
+- {{ $values.engine.port | quote }}
 - --tensor-parallel-size
-- {{ .Values.engine.tensorParallelSize | quote }}
-{{- if .Values.multiNode.enabled }}
+- {{ $values.engine.tensorParallelSize | quote }}
+{{- if ne .role "server" }}
 - --pipeline-parallel-size
-- {{ .Values.multiNode.size | quote }}
+- {{ $values.multiNode.size | quote }}
 - --distributed-executor-backend
-- ray
+- mp
+- --nnodes
+- {{ $values.multiNode.size | quote }}
+- --node-rank
+{{- if eq .role "leader" }}
+- "0"
+{{- else }}
+- $(GEMMGUARD_NODE_RANK)
+{{- end }}
+# LWS sets LWS_LEADER_ADDRESS in every pod of the group: the leader's stable DNS name.
+- --master-addr
+- $(LWS_LEADER_ADDRESS)
+- --master-port
+- {{ $values.multiNode.masterPort | quote }}
+{{- if eq .role "worker" }}
+- --headless
+{{- end }}
 {{- end }}
 - --selfcheck-policy
-- {{ .Values.gemmguard.selfcheckPolicy | quote }}
-{{- range .Values.gemmguard.denyKernels }}
+- {{ $values.gemmguard.selfcheckPolicy | quote }}
+- --selfcheck-refusal-linger
+- {{ $values.gemmguard.selfcheckRefusalLinger | quote }}
+{{- range $values.gemmguard.denyKernels }}
 - --deny-kernel
 - {{ . | quote }}
 {{- end }}
-{{- if not .Values.gemmguard.perLayerMetrics }}
+{{- if not $values.gemmguard.perLayerMetrics }}
 - --no-per-layer-metrics
 {{- end }}
-{{- range .Values.engine.extraArgs }}
+{{- range $values.engine.extraArgs }}
 - {{ . | quote }}
 {{- end }}
+{{- end }}
+
+{{/*
+gemmguard.podSecurityContext: podSecurityContext plus gpu.deviceGroups as supplementalGroups. AMD GPUs
+are opened through device files of host groups whose ids vary by host OS, so they must be given.
+*/}}
+{{- define "gemmguard.podSecurityContext" -}}
+{{- $context := deepCopy .Values.podSecurityContext }}
+{{- if and (eq .Values.gpu.resourceName "amd.com/gpu") (not .Values.gpu.deviceGroups) }}
+{{- fail "gpu.deviceGroups is empty, but AMD GPUs (amd.com/gpu) are opened through /dev/kfd and /dev/dri/renderD*, which belong to the host's video and render groups, whose ids differ by host OS. Find them on a GPU node with `getent group video render` (or `stat -c '%g %n' /dev/kfd /dev/dri/renderD*`) and set them, e.g. --set 'gpu.deviceGroups={44,109}'." }}
+{{- end }}
+{{- with .Values.gpu.deviceGroups }}
+{{- $groups := concat (get $context "supplementalGroups" | default list) . | uniq }}
+{{- $_ := set $context "supplementalGroups" $groups }}
+{{- end }}
+{{- toYaml $context }}
 {{- end }}
 
 {{/*
@@ -154,12 +192,15 @@ gemmguard.env: environment of the server container: secrets by reference only, n
   value: "1"
 {{- end }}
 {{- if .Values.multiNode.enabled }}
-# vLLM and Ray advertise this address to the other nodes; the pod IP is the one they can reach.
+# vLLM advertises this address to the other nodes of the group; the pod IP is the one they can reach.
 - name: VLLM_HOST_IP
   valueFrom:
     fieldRef:
       fieldPath: status.podIP
 {{- end }}
+# The pod-lifetime emptyDir of _pod.tpl: liveness and refusal counters survive container restarts.
+- name: GEMMGUARD_STATE_DIR
+  value: /var/lib/gemmguard
 {{- with .Values.engine.env }}
 {{ toYaml . }}
 {{- end }}

@@ -1,8 +1,9 @@
 {{/*
 gemmguard.podSpec: the pod spec shared by the Deployment and both LeaderWorkerSet templates.
 Call with (dict "root" $ "role" ROLE); ROLE is "server" (Deployment), "leader" or "worker" (multi-node).
-The leader starts the Ray head, waits for every worker node, then runs `gemmguard serve`; workers only join
-Ray, so they get no API port and no probes.
+Every role runs `gemmguard serve` with the same arguments and environment, so each node's vLLM processes
+(workers included) see the same gemmguard settings: the leader as node rank 0 with the API server, the
+workers `--headless` (no API port, no probes) with their LWS worker index as node rank.
 */}}
 {{- define "gemmguard.podSpec" -}}
 {{- $root := .root }}
@@ -15,7 +16,7 @@ imagePullSecrets:
 serviceAccountName: {{ include "gemmguard.serviceAccountName" $root }}
 automountServiceAccountToken: {{ $values.serviceAccount.automountToken }}
 securityContext:
-  {{- toYaml $values.podSecurityContext | nindent 2 }}
+  {{- include "gemmguard.podSecurityContext" $root | nindent 2 }}
 {{- with $values.priorityClassName }}
 priorityClassName: {{ . }}
 {{- end }}
@@ -24,47 +25,24 @@ containers:
   - name: gemmguard
     image: {{ include "gemmguard.image" $root | quote }}
     imagePullPolicy: {{ $values.image.pullPolicy }}
-    {{- if eq $role "server" }}
     command: ["gemmguard", "serve"]
     args:
-      {{- include "gemmguard.serveArgs" $root | trim | nindent 6 }}
-    {{- else if eq $role "leader" }}
-    # bash -c SCRIPT NAME ARGS...: the serve arguments arrive as "$@", so no value is re-parsed by a shell.
-    command:
-      - /bin/bash
-      - -c
-      - |
-        set -euo pipefail
-        ray start --head --port={{ $values.multiNode.rayPort }} --dashboard-host=127.0.0.1 --disable-usage-stats
-        # vLLM's Ray executor places the model on the GPUs Ray knows about: wait for all LWS_GROUP_SIZE nodes.
-        until [ "$(python3 -c 'import ray; ray.init(address="auto", logging_level="ERROR"); print(sum(n["Alive"] for n in ray.nodes()))' 2>/dev/null || echo 0)" -ge "${LWS_GROUP_SIZE}" ]; do
-          echo "waiting for ${LWS_GROUP_SIZE} Ray nodes"; sleep 5
-        done
-        exec gemmguard serve "$@"
-      - gemmguard-leader
-    args:
-      {{- include "gemmguard.serveArgs" $root | trim | nindent 6 }}
-    {{- else }}
-    command:
-      - /bin/bash
-      - -c
-      - |
-        set -euo pipefail
-        until ray health-check --address="${LWS_LEADER_ADDRESS}:{{ $values.multiNode.rayPort }}" >/dev/null 2>&1; do
-          echo "waiting for the Ray head at ${LWS_LEADER_ADDRESS}"; sleep 5
-        done
-        exec ray start --address="${LWS_LEADER_ADDRESS}:{{ $values.multiNode.rayPort }}" --block --disable-usage-stats
-    {{- end }}
+      {{- include "gemmguard.serveArgs" (dict "root" $root "role" $role) | trim | nindent 6 }}
     {{- if ne $role "worker" }}
     ports:
       - name: http
         containerPort: {{ $values.engine.port }}
         protocol: TCP
     {{- end }}
-    {{- with (include "gemmguard.env" $root | trim) }}
     env:
-      {{- . | nindent 6 }}
-    {{- end }}
+      {{- include "gemmguard.env" $root | trim | nindent 6 }}
+      {{- if eq $role "worker" }}
+      # The node rank of a worker is its index in the LWS group (the leader is 0); --node-rank reads it.
+      - name: GEMMGUARD_NODE_RANK
+        valueFrom:
+          fieldRef:
+            fieldPath: metadata.labels['leaderworkerset.sigs.k8s.io/worker-index']
+      {{- end }}
     {{- with $values.engine.envFrom }}
     envFrom:
       {{- toYaml . | nindent 6 }}
@@ -106,6 +84,8 @@ containers:
         mountPath: /home/gemmguard
       - name: shm
         mountPath: /dev/shm
+      - name: state
+        mountPath: /var/lib/gemmguard
       {{- with $values.extraVolumeMounts }}
       {{- toYaml . | nindent 6 }}
       {{- end }}
@@ -116,10 +96,11 @@ volumes:
     persistentVolumeClaim:
       claimName: {{ $values.persistence.existingClaim | default (include "gemmguard.fullname" $root) }}
     {{- else }}
-    emptyDir: {}
+    emptyDir:
+      sizeLimit: {{ $values.persistence.emptyDirSizeLimit }}
     {{- end }}
-  # Writable scratch under the read-only root filesystem: Ray's session files and Python's tempfile in /tmp,
-  # dot-files that libraries write to $HOME.
+  # Writable scratch under the read-only root filesystem: Python's tempfile and torch's compile
+  # artefacts in /tmp, dot-files that libraries write to $HOME.
   - name: tmp
     emptyDir: {}
   - name: home
@@ -128,6 +109,11 @@ volumes:
     emptyDir:
       medium: Memory
       sizeLimit: {{ $values.shm.sizeLimit }}
+  # GEMMGUARD_STATE_DIR: counters that must outlive a container restart (canary failures, restarts,
+  # refusals). An emptyDir lives as long as the pod, through container restarts, and no longer.
+  - name: state
+    emptyDir:
+      sizeLimit: 16Mi
   {{- with $values.extraVolumes }}
   {{- toYaml . | nindent 2 }}
   {{- end }}
