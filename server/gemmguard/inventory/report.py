@@ -48,11 +48,39 @@ def _group_scheme(prefix: str, group_shape: Any) -> str:
     return f"{prefix}-channel"
 
 
+# Kernel configs of microscaled formats carry no weight key in vLLM 0.32; their class names do.
+_CONFIG_SCHEMES = (("NvFp4", "nvfp4"), ("MxFp4", "mxfp4"), ("Mxfp4", "mxfp4"),
+                   ("MxFp8", "mxfp8"), ("Mxfp8", "mxfp8"))
+
+
+def _microscaled_scheme(wkey: Any) -> str | None:
+    """mxfp4/mxfp8/nvfp4 from a weight key: E8M0 (uint8) or fp8 scales on small blocks."""
+    scale = getattr(wkey, "scale", None)
+    scale_dtype = getattr(scale, "dtype", None)
+    e8m0 = (torch.uint8, getattr(torch, "float8_e8m0fnu", torch.uint8))
+    if scale_dtype in e8m0:
+        return "mxfp8" if getattr(wkey, "dtype", None) == torch.float8_e4m3fn else "mxfp4"
+    if scale_dtype == torch.float8_e4m3fn and getattr(wkey, "dtype", None) == torch.uint8:
+        return "nvfp4"
+    return None
+
+
+def _group_name(group_size: Any) -> str:
+    return "channel" if group_size in (None, -1, 0) else f"g{int(group_size)}"
+
+
 def scheme_of(kernel: Any, weight: torch.Tensor | None) -> str:
-    """Quantization scheme from the kernel config's keys, else from the weight's dtype."""
+    """Quantization scheme from the kernel config's keys, else from the weight's dtype.
+
+    fp8/int8 scaled-mm: fp8-block, fp8-channel, …; mixed precision: w4a16-g128,
+    w8a16-channel, w4a8-g128 (weight bits, activation bits, scale groups); mxfp4, mxfp8, nvfp4.
+    """
     config = getattr(kernel, "config", None)
     wkey = getattr(config, "weight_quant_key", None)
     if wkey is not None:
+        microscaled = _microscaled_scheme(wkey)
+        if microscaled is not None:
+            return microscaled
         dtype = getattr(wkey, "dtype", None)
         prefix = "int8" if dtype == torch.int8 else "fp8"
         return _group_scheme(prefix, getattr(getattr(wkey, "scale", None), "group_shape", None))
@@ -61,7 +89,11 @@ def scheme_of(kernel: Any, weight: torch.Tensor | None) -> str:
         bits = getattr(weight_type, "size_bits", None)
         act = getattr(config, "act_type", None)
         act_bits = "8" if act in (torch.int8, torch.float8_e4m3fn) else "16"
-        return f"w{bits}a{act_bits}"
+        return f"w{bits}a{act_bits}-{_group_name(getattr(config, 'group_size', None))}"
+    config_name = type(config).__name__ if config is not None else ""
+    for marker, scheme in _CONFIG_SCHEMES:
+        if marker in config_name:
+            return scheme
     if weight is not None:
         if weight.dtype in _DTYPE_NAMES:
             return f"unquantized-{_DTYPE_NAMES[weight.dtype]}"

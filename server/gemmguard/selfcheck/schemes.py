@@ -12,6 +12,7 @@ that order) and `w2` (down) weights.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -27,7 +28,9 @@ class Activation:
     """How the scheme quantizes activations before the GEMM.
 
     kind: none, group (1×size), token, tensor or static; fmt: the number format of the
-    quantized activations (fp8, int8, or a 4-bit/MX format a scheme module defines).
+    quantized activations: fp8, int8, or one `numerics.fake_quantize_activation` knows
+    (mxfp4-ceil, mxfp4-even, mxfp8-ceil, mxfp8-even: 1×32 E8M0 blocks by scale rule; nvfp4:
+    1×16 e4m3 blocks, with `static_scale` the global divisor G of block scale e4m3(G·amax/6)).
     """
 
     kind: str
@@ -265,11 +268,25 @@ def linear_format(scheme: str, kernel: Any) -> LinearFormat:
         return Unquantized()
     if scheme.startswith(("fp8-", "int8-")):
         return ScaledFormat(scheme.split("-")[0], _block_of(kernel))
+    if re.match(r"w\d+a\d+-", scheme):  # w4a16-g128, w8a16-channel, w4a8-g128
+        from gemmguard.selfcheck.int_formats import IntLinearFormat
+
+        return IntLinearFormat(scheme, kernel)
+    if scheme in ("mxfp4", "mxfp8", "nvfp4"):
+        from gemmguard.selfcheck.mx_formats import MicroscaledLinearFormat
+
+        return MicroscaledLinearFormat(scheme)
     raise Unchecked(f"no reference for scheme {scheme}")
 
 
 def moe_scheme(module: Any) -> str:
     """The MoE layer's scheme, named like the linear ones (fp8-block, unquantized-bf16, …)."""
+    from gemmguard.selfcheck import int_formats, mx_formats
+
+    # Packed and microscaled experts first: MXFP8 experts are fp8 too, with E8M0 scales.
+    named = mx_formats.moe_scheme_of(module) or int_formats.moe_scheme_of(module)
+    if named is not None:
+        return named
     method = getattr(module, "quant_method", None)
     w13 = getattr(module, "w13_weight", None)
     if not isinstance(w13, torch.Tensor):
@@ -307,4 +324,12 @@ def moe_format(scheme: str, module: Any) -> MoeFormat:
         else:
             activation = Activation("token")
         return MoeFp8(block, activation)
+    if re.match(r"w\d+a\d+-", scheme):
+        from gemmguard.selfcheck import int_formats
+
+        return int_formats.moe_format(scheme, module)
+    if scheme in ("mxfp4", "mxfp8", "nvfp4"):
+        from gemmguard.selfcheck.mx_formats import MicroscaledMoeFormat
+
+        return MicroscaledMoeFormat(scheme)
     raise Unchecked(f"no reference for MoE scheme {scheme}")

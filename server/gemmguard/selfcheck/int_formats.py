@@ -1,0 +1,385 @@
+"""Integer weights packed into int32 words: GPTQ, AWQ and compressed-tensors pack-quantized.
+
+These are the W4A16/WNA16 checkpoints (int4 or int8 codes with one scale per group of input
+columns, optionally a zero point and an activation-order `g_idx`) and compressed-tensors'
+W4A8-FP8 (int4 codes, bf16 group scales, fp8 per-token activations). Every code is stored
+unsigned: compressed-tensors and GPTQ add 2^(bits-1) to symmetric codes, asymmetric ones
+carry a zero point (GPTQ's original format stores it minus one).
+
+Three layouts exist in vLLM's memory before post-processing:
+- `n_first` (compressed-tensors): codes (N, K/pack) packed along K, scales (N, G),
+  zero points (N/pack, G) packed along N;
+- `k_first` (GPTQ, and compressed-tensors MoE experts under Marlin in vLLM 0.26, which loads
+  them transposed): codes (K/pack, N) packed along K, scales (G, N), zero points (G, N/pack);
+- `awq`: codes (K, N/pack) packed along N in AWQ's interleaved order, scales (G, N), zero
+  points (G, N/pack) interleaved the same way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from gemmguard.selfcheck.schemes import (
+    NO_ACTIVATION_QUANT,
+    Activation,
+    Unchecked,
+    rows_of_extremes,
+)
+
+# AWQ packs the 8 (or 4) columns of a word in this order; AWQ_ORDER[b][i] is the column at slot i.
+AWQ_ORDER = {4: (0, 2, 4, 6, 1, 3, 5, 7), 8: (0, 2, 1, 3)}
+LAYOUTS = ("n_first", "k_first", "awq")
+
+
+def _mismatch(what: str) -> Unchecked:
+    return Unchecked(f"weights do not match the declared scheme: {what}")
+
+
+def unpack_words(words: torch.Tensor, bits: int) -> torch.Tensor:
+    """int32 words (..., W) → their unsigned codes (..., W·32/bits), lowest bits first."""
+    pack = 32 // bits
+    shifts = torch.arange(pack, dtype=torch.int32, device=words.device) * bits
+    codes = (words.to(torch.int32)[..., None] >> shifts) & ((1 << bits) - 1)
+    return codes.reshape(*words.shape[:-1], words.shape[-1] * pack)
+
+
+def _codes_at(words: torch.Tensor, slots: torch.Tensor, bits: int) -> torch.Tensor:
+    """The code at slot `slots[j]` of word column j: (rows, len(slots))."""
+    shifts = (slots * bits).to(torch.int32)
+    return (words.to(torch.int32) >> shifts) & ((1 << bits) - 1)
+
+
+@dataclass(frozen=True)
+class PackedInts:
+    """One 2-D packed weight with its scales, zero points and activation order, as loaded."""
+
+    layout: str
+    bits: int
+    packed: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor | None = None
+    g_idx: torch.Tensor | None = None
+    zero_offset: int = 0  # GPTQ's original format stores zero points minus one
+    k: int | None = None  # input columns, when packing padded them
+
+    def __post_init__(self) -> None:
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"unknown packed layout {self.layout!r}; use one of {LAYOUTS}")
+        if 32 % self.bits:
+            raise Unchecked(f"no reference for {self.bits}-bit codes packed across int32 words")
+        if self.packed.dtype != torch.int32 or self.packed.ndim != 2:
+            raise _mismatch(f"{self.bits}-bit codes must be a 2-D int32 tensor, got "
+                            f"{self.packed.dtype} {tuple(self.packed.shape)}")
+        if not self.scale.dtype.is_floating_point or self.scale.ndim != 2:
+            raise _mismatch(f"group scales must be a 2-D float tensor, got "
+                            f"{self.scale.dtype} {tuple(self.scale.shape)}")
+        pack = 32 // self.bits
+        rows_in_scale = self.scale.shape[0 if self.layout == "n_first" else 1]
+        rows_in_codes = {"n_first": self.packed.shape[0], "k_first": self.packed.shape[1],
+                         "awq": self.packed.shape[1] * pack}[self.layout]
+        if rows_in_scale != rows_in_codes:
+            raise _mismatch(f"{rows_in_codes} output rows of codes but {rows_in_scale} rows "
+                            f"of scales ({self.layout} layout)")
+        groups = self.n_groups
+        if self.g_idx is not None:
+            if self.g_idx.numel() != self.n_cols:
+                raise _mismatch(f"g_idx has {self.g_idx.numel()} entries for {self.n_cols} "
+                                "input columns")
+            if int(self.g_idx.min()) < 0 or int(self.g_idx.max()) >= groups:
+                raise _mismatch(f"g_idx points outside the {groups} scale groups")
+        elif self.n_cols % groups:
+            raise _mismatch(f"{groups} scale groups do not divide {self.n_cols} input columns")
+
+    @property
+    def pack(self) -> int:
+        return 32 // self.bits
+
+    @property
+    def n_rows(self) -> int:
+        return int(self.scale.shape[0] if self.layout == "n_first" else self.scale.shape[1])
+
+    @property
+    def n_groups(self) -> int:
+        return int(self.scale.shape[1] if self.layout == "n_first" else self.scale.shape[0])
+
+    @property
+    def n_cols(self) -> int:
+        full = {"n_first": self.packed.shape[1] * self.pack,
+                "k_first": self.packed.shape[0] * self.pack,
+                "awq": self.packed.shape[0]}[self.layout]
+        return int(self.k if self.k is not None and self.k <= full else full)
+
+    def row_scales(self) -> torch.Tensor:
+        """(N, G) fp32 scales."""
+        scale = self.scale.detach().float().cpu()
+        return scale if self.layout == "n_first" else scale.t()
+
+    def _slots(self, rows: torch.Tensor) -> torch.Tensor:
+        """Slot of each output row inside its packed word (packing along N)."""
+        within = rows % self.pack
+        if self.layout != "awq":
+            return within
+        if self.bits not in AWQ_ORDER:
+            raise Unchecked(f"no reference for {self.bits}-bit AWQ packing")
+        inverse = torch.argsort(torch.tensor(AWQ_ORDER[self.bits]))
+        return inverse[within]
+
+    def codes(self, rows: torch.Tensor) -> torch.Tensor:
+        """Unsigned codes (len(rows), K) of these output rows."""
+        packed = self.packed.detach().cpu()
+        if self.layout == "n_first":
+            codes = unpack_words(packed[rows], self.bits)
+        elif self.layout == "k_first":
+            codes = unpack_words(packed[:, rows].t(), self.bits)
+        else:
+            codes = _codes_at(packed[:, rows // self.pack], self._slots(rows), self.bits).t()
+        return codes[:, : self.n_cols]
+
+    def zeros(self, rows: torch.Tensor) -> torch.Tensor:
+        """(len(rows), G) zero points, or 2^(bits-1) for symmetric codes."""
+        if self.zero is None:
+            return torch.full((len(rows), self.n_groups), 1 << (self.bits - 1), dtype=torch.int32)
+        zero = self.zero.detach().cpu()
+        if zero.dtype != torch.int32:
+            raise _mismatch(f"packed zero points must be int32, got {zero.dtype}")
+        words, slots = rows // self.pack, self._slots(rows)
+        if self.layout == "n_first":
+            codes = _codes_at(zero[words], slots[:, None], self.bits)
+        else:
+            codes = _codes_at(zero[:, words], slots[None, :], self.bits).t()
+        return codes + self.zero_offset
+
+    def group_of_column(self) -> torch.Tensor:
+        if self.g_idx is not None:
+            return self.g_idx.detach().cpu().long()
+        return torch.arange(self.n_cols) // (self.n_cols // self.n_groups)
+
+    def rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """fp32 (len(rows), K): (code − zero point) × scale of each column's group."""
+        rows = rows.cpu().long()
+        group = self.group_of_column()
+        scale = self.row_scales()[rows][:, group]
+        zero = self.zeros(rows)[:, group]
+        return (self.codes(rows) - zero).float() * scale
+
+    def extreme_rows(self) -> list[int]:
+        scale = self.row_scales().abs()
+        return sorted(set(rows_of_extremes(scale.amax(dim=1))
+                          + rows_of_extremes(scale.amin(dim=1))))
+
+
+def _tensor(module: Any, name: str) -> torch.Tensor | None:
+    value = getattr(module, name, None)
+    return value if isinstance(value, torch.Tensor) else None
+
+
+def _quant_config(module: Any) -> Any:
+    method = getattr(module, "quant_method", None)
+    return getattr(method, "quant_config", None)
+
+
+def _gptq_zero_offset(module: Any) -> int:
+    # GPTQ v1 checkpoints store zero points minus one; "gptq_v2" ones store them as they are.
+    return 0 if getattr(_quant_config(module), "checkpoint_format", "") == "gptq_v2" else 1
+
+
+def linear_tensors(module: Any, bits: int, zero_points: bool, has_g_idx: bool) -> PackedInts:
+    """The packed weight of a linear layer, whichever of the three formats it was loaded as."""
+    k = getattr(module, "input_size_per_partition", None)
+    packed = _tensor(module, "weight_packed")
+    if packed is not None:  # compressed-tensors
+        scale = _tensor(module, "weight_scale")
+        if scale is None:
+            raise _mismatch("weight_packed without weight_scale")
+        return PackedInts("n_first", bits, packed, scale,
+                          _tensor(module, "weight_zero_point") if zero_points else None,
+                          _g_idx(module, "weight_g_idx", has_g_idx), 0, k)
+    packed, scale = _tensor(module, "qweight"), _tensor(module, "scales")
+    if packed is None or scale is None:
+        raise _mismatch("no weight_packed (compressed-tensors) or qweight/scales (GPTQ, AWQ)")
+    pack = 32 // bits
+    zero = _tensor(module, "qzeros") if zero_points else None
+    if packed.ndim == 2 and packed.shape[1] == scale.shape[-1]:
+        return PackedInts("k_first", bits, packed, scale, zero,
+                          _g_idx(module, "g_idx", has_g_idx), _gptq_zero_offset(module), k)
+    if packed.ndim == 2 and packed.shape[1] * pack == scale.shape[-1]:
+        if zero is None:
+            raise Unchecked("no reference for AWQ weights without zero points")
+        return PackedInts("awq", bits, packed, scale, zero, None, 0, k)
+    raise _mismatch(f"qweight {tuple(packed.shape)} fits neither GPTQ nor AWQ packing of "
+                    f"{bits}-bit codes with scales {tuple(scale.shape)}")
+
+
+def _g_idx(module: Any, name: str, active: bool) -> torch.Tensor | None:
+    # vLLM registers g_idx even when the checkpoint has none (left uninitialised), so it is
+    # read only when the layer's config says activation order is on.
+    if not active:
+        return None
+    g_idx = _tensor(module, name)
+    if g_idx is None:
+        raise _mismatch(f"activation order is on but the layer has no {name}")
+    return g_idx
+
+
+def _bits_of(scheme: str, kernel: Any) -> int:
+    weight_type = getattr(getattr(kernel, "config", None), "weight_type", None)
+    bits = getattr(weight_type, "size_bits", None)
+    if bits:
+        return int(bits)
+    try:
+        return int(scheme[1:scheme.index("a")])
+    except ValueError as exc:
+        raise Unchecked(f"no reference for scheme {scheme}") from exc
+
+
+# compressed-tensors schemes that keep a bf16 act_type in their kernel config but quantize
+# activations to int inside the kernel: no reference models their activation rounding yet.
+INT_ACTIVATION_SCHEMES = ("CompressedTensorsW4A8Int", "CompressedTensorsWNA8Int",
+                          "CompressedTensorsWNA4Int", "CompressedTensorsWNA8O8Int")
+
+
+class IntLinearFormat:
+    """w{bits}a16 (GPTQ, AWQ, compressed-tensors) and w4a8 linear layers."""
+
+    def __init__(self, scheme: str, kernel: Any) -> None:
+        config = getattr(kernel, "config", None)
+        self.scheme = scheme
+        self.bits = _bits_of(scheme, kernel)
+        self.zero_points = bool(getattr(config, "zero_points", False))
+        self.has_g_idx = bool(getattr(config, "has_g_idx", False))
+        act_type = getattr(config, "act_type", None)
+        if act_type is None:
+            act_type = torch.float8_e4m3fn if scheme.split("-")[0].endswith("a8") else None
+        # vLLM's W4A8 kernels quantize activations per token, dynamically.
+        self._activation = {
+            torch.float8_e4m3fn: Activation("token", fmt="fp8"),
+            torch.int8: Activation("token", fmt="int8"),
+        }.get(act_type, NO_ACTIVATION_QUANT)
+
+    def tensors(self, module: Any) -> PackedInts:
+        holder = type(getattr(module, "scheme", None)).__name__
+        if holder in INT_ACTIVATION_SCHEMES:
+            raise Unchecked(f"no reference for scheme {self.scheme} under {holder} "
+                            "(activations quantized to int inside the kernel)")
+        return linear_tensors(module, self.bits, self.zero_points, self.has_g_idx)
+
+    def n_rows(self, module: Any) -> int:
+        return self.tensors(module).n_rows
+
+    def rows(self, module: Any, rows: torch.Tensor) -> torch.Tensor:
+        return self.tensors(module).rows(rows)
+
+    def extreme_rows(self, module: Any) -> list[int]:
+        return self.tensors(module).extreme_rows()
+
+    def activation(self, module: Any, kernel: Any) -> Activation:
+        self.tensors(module)  # refuses the int-activation schemes
+        return self._activation
+
+
+class IntMoeFormat:
+    """Packed-int experts (compressed-tensors WNA16 and W4A8, GPTQ, AWQ) with an expert dim."""
+
+    def __init__(self, bits: int, activation: Activation) -> None:
+        self.bits = bits
+        self._activation = activation
+
+    def tensors(self, module: Any, which: str, expert: int) -> PackedInts:
+        method = getattr(module, "quant_method", None)
+        packed = _tensor(module, f"{which}_weight_packed")
+        k = _expert_k(module, which)
+        if packed is not None:  # compressed-tensors
+            scale = _tensor(module, f"{which}_weight_scale")
+            if scale is None or packed.ndim != 3:
+                raise _mismatch(f"{which}_weight_packed {tuple(packed.shape)} without 3-D "
+                                f"{which}_weight_scale")
+            transposed = bool(getattr(packed, "is_transposed", False))
+            zero = _tensor(module, f"{which}_weight_zero_point")
+            active = str(getattr(method, "actorder", None)).lower().endswith("group")
+            g_idx = _g_idx(module, f"{which}_weight_g_idx", active)
+            return PackedInts("k_first" if transposed else "n_first", self.bits,
+                              packed[expert], scale[expert],
+                              None if zero is None else zero[expert],
+                              None if g_idx is None else g_idx[expert], 0, k)
+        packed, scale = _tensor(module, f"{which}_qweight"), _tensor(module, f"{which}_scales")
+        if packed is None or scale is None:
+            raise _mismatch(f"no {which}_weight_packed or {which}_qweight/{which}_scales")
+        if packed.dtype != torch.int32:
+            raise Unchecked(f"no reference for MoE experts repacked at load ({which}_qweight is "
+                            f"{packed.dtype}; vLLM's moe_wna16 layout)")
+        config = _quant_config(module)
+        zero = _tensor(module, f"{which}_qzeros")
+        pack = 32 // self.bits
+        if packed.shape[2] == scale.shape[2]:  # GPTQ
+            sym = bool(getattr(config, "is_sym", getattr(config, "sym", True)))
+            g_idx = _g_idx(module, f"{which}_g_idx", bool(getattr(config, "desc_act", False)))
+            return PackedInts("k_first", self.bits, packed[expert], scale[expert],
+                              None if sym or zero is None else zero[expert],
+                              None if g_idx is None else g_idx[expert],
+                              _gptq_zero_offset(module), k)
+        if packed.shape[2] * pack == scale.shape[2] and zero is not None:  # AWQ
+            return PackedInts("awq", self.bits, packed[expert], scale[expert], zero[expert],
+                              None, 0, k)
+        raise _mismatch(f"{which}_qweight {tuple(packed.shape)} fits neither GPTQ nor AWQ "
+                        f"packing with scales {tuple(scale.shape)}")
+
+    def w13(self, module: Any, expert: int) -> torch.Tensor:
+        tensors = self.tensors(module, "w13", expert)
+        return tensors.rows(torch.arange(tensors.n_rows))
+
+    def w2_rows(self, module: Any, expert: int, rows: torch.Tensor) -> torch.Tensor:
+        return self.tensors(module, "w2", expert).rows(rows)
+
+    def expert_magnitude(self, module: Any) -> torch.Tensor:
+        scale = _tensor(module, "w13_weight_scale")
+        if scale is None:
+            scale = _tensor(module, "w13_scales")
+        if scale is None:
+            raise _mismatch("no w13_weight_scale or w13_scales")
+        return scale.detach().float().abs().reshape(scale.shape[0], -1).amax(dim=1).cpu()
+
+    def activation(self, module: Any) -> Activation:
+        return self._activation
+
+
+def _expert_k(module: Any, which: str) -> int | None:
+    """Input columns of one expert's w13 (hidden) or w2 (intermediate per partition)."""
+    name = "hidden_size" if which == "w13" else "intermediate_size_per_partition"
+    value = getattr(module, name, None)
+    return int(value) if isinstance(value, int) else None
+
+
+def moe_scheme_of(module: Any) -> str | None:
+    """w{bits}a16-g{group} / -channel, or w4a8-g{group}, for packed-int experts; else None."""
+    method = getattr(module, "quant_method", None)
+    packed = _tensor(module, "w13_weight_packed")
+    qweight = _tensor(module, "w13_qweight")
+    if packed is not None and packed.dtype == torch.int32:
+        bits = int(getattr(method, "num_bits", 0) or getattr(
+            getattr(method, "weight_quant", None), "num_bits", 0) or 4)
+        group = getattr(method, "group_size", None)
+        if group is None:
+            group = getattr(getattr(method, "weight_quant", None), "group_size", None)
+        acts = "a8" if hasattr(method, "w4a8_backend") or "W4A8" in type(method).__name__ \
+            else "a16"
+        return f"w{bits}{acts}-{_group_name(group)}"
+    if qweight is not None:
+        config = _quant_config(module)
+        bits = int(getattr(config, "weight_bits", 4) or 4)
+        return f"w{bits}a16-{_group_name(getattr(config, 'group_size', None))}"
+    return None
+
+
+def _group_name(group: Any) -> str:
+    return "channel" if group in (None, -1, 0) else f"g{int(group)}"
+
+
+def moe_format(scheme: str, module: Any) -> IntMoeFormat:
+    """The expert format of a packed-int MoE scheme named by `moe_scheme_of`."""
+    bits = int(scheme[1:scheme.index("a")])
+    activation = Activation("token") if scheme.split("-")[0].endswith("a8") \
+        else NO_ACTIVATION_QUANT
+    return IntMoeFormat(bits, activation)
