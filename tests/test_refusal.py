@@ -179,3 +179,19 @@ def test_serve_option_sets_the_linger_and_rejects_a_negative_one() -> None:
     assert settings(plan.env).selfcheck_refusal_linger == 600
     with pytest.raises(ConfigError, match="GEMMGUARD_SELFCHECK_REFUSAL_LINGER"):
         plan_serve(["--selfcheck-refusal-linger", "-1", "--port", port], environ={})
+
+
+def test_a_fallback_without_a_passing_candidate_names_the_rejected_kernel() -> None:
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from gemmguard.refusal import ReportCollector
+
+    layer = {"layer": "model.layers.1.mlp.down_proj", "kernel": "E8M0RequantFp8BlockKernel",
+             "verdict": "degraded", "excess_bits": 0.6,
+             "replacement": {"rejected": "E8M0RequantFp8BlockKernel",
+                             "rejected_verdict": "degraded", "candidates": []}}
+    registry = CollectorRegistry()
+    registry.register(ReportCollector({**REPORT, "ranks": [{"layers": [layer]}]}, None))
+    (rejected,) = _samples(generate_latest(registry).decode())[
+        "gemmguard_selfcheck_rejected_layers"]
+    assert rejected.labels == {"kernel": "E8M0RequantFp8BlockKernel", "result": "degraded"}

@@ -57,6 +57,17 @@ def _finite(value: Any) -> float | None:
     return number if math.isfinite(number) else None
 
 
+def _rejected(row: Mapping[str, Any]) -> tuple[str, str] | None:
+    """(rejected kernel, its verdict) of a layer, or None: a replacement that was tried (policy
+    fallback) names the kernel it rejected; under `fail` the failing kernel is still the layer's."""
+    tried = row.get("replacement") or {}
+    if tried.get("rejected"):
+        return bounded_label(tried["rejected"]), str(tried.get("rejected_verdict"))
+    if row.get("verdict") in REJECTED:
+        return bounded_label(row.get("kernel", "")), str(row["verdict"])
+    return None
+
+
 class ReportCollector:
     """The self-check's series, as the serving server exports them, from its report dict."""
 
@@ -97,10 +108,8 @@ class ReportCollector:
             "Layers whose kernel the self-check rejected, by rejected kernel and its verdict.",
             labels=["kernel", "result"],
         )
-        tally = Tally(
-            (bounded_label(row.get("kernel", "")), str(row.get("verdict")))
-            for row in _layers(report) if row.get("verdict") in REJECTED
-        )
+        tally = Tally(_rejected(row) for row in _layers(report))
+        tally.pop(None, None)
         for (kernel, result), count in sorted(tally.items()):
             rejected.add_metric([kernel, result], count)
         yield rejected
