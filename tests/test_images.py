@@ -1,19 +1,26 @@
-"""images/<target>/Dockerfile: hadolint, vLLM pins against pyproject.toml, what each image promises.
+"""images/<target>/Dockerfile: hadolint, vLLM pins against pyproject.toml, what each image promises;
+and what a cluster pulls: the release workflow, the chart's defaults and `make image` agree.
 
-No Docker engine runs in CI, so the images are linted and read, not built. The CPU image's install
-steps are compared with the Makefile's, which CI does run.
+No Docker engine runs in CI, so the images are linted and read, not built; the release workflow's
+own shell steps run here, and its smoke test runs against a real demo server in
+tests/test_e2e_prometheus.py. The CPU image's install steps are compared with the Makefile's,
+which CI does run.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
+import yaml
 
 from conftest import tool
 
@@ -230,3 +237,148 @@ def test_cpu_image_installs_as_the_makefile_does() -> None:
     assert _uninstalled(run) == _uninstalled(makefile) != set()
     pip_pin = re.search(r"pip==([0-9.]+)", makefile)
     assert pip_pin and build_args("cpu")["PIP_VERSION"] == pip_pin.group(1)
+
+
+# --- what a cluster pulls: the release workflow, the chart's defaults, `make image` ---------------
+
+WORKFLOW = ROOT / ".github" / "workflows" / "release.yml"
+CHART = ROOT / "helm" / "gemmguard"
+# The profile that selects each image target.
+PROFILE_OF = {
+    "cuda-blackwell": "values-blackwell.yaml",
+    "cuda-ampere": "values-ampere.yaml",
+    "rocm-gfx950": "values-gfx950.yaml",
+    "cpu": "values-cpu.yaml",
+}
+
+
+def _workflow() -> dict[str, Any]:
+    workflow = yaml.safe_load(WORKFLOW.read_text())
+    # YAML 1.1 reads the key `on` as True.
+    workflow["on"] = workflow.pop(True, workflow.get("on"))
+    return workflow  # type: ignore[no-any-return]
+
+
+def _app_version() -> str:
+    return str(yaml.safe_load((CHART / "Chart.yaml").read_text())["appVersion"])
+
+
+def _step(job: dict[str, Any], name: str) -> dict[str, Any]:
+    (step,) = [s for s in job["steps"] if s.get("name") == name]
+    return step
+
+
+def _run_step(script: str, env: dict[str, str], tmp_path: Path) -> tuple[int, str, dict[str, str]]:
+    """Run a workflow step's shell as the runner does (bash -e), in the repository root."""
+    outputs = tmp_path / "github_output"
+    outputs.write_text("")
+    result = subprocess.run(["bash", "-e", "-c", script], cwd=ROOT, capture_output=True,
+                            text=True, timeout=60, check=False,
+                            env={"PATH": "/usr/bin:/bin", **env, "GITHUB_OUTPUT": str(outputs),
+                                 "GITHUB_ENV": str(outputs)})
+    values = dict(line.split("=", 1) for line in outputs.read_text().splitlines() if "=" in line)
+    return result.returncode, result.stdout + result.stderr, values
+
+
+def _chart_image(target: str) -> str:
+    from test_chart import _container, _server_pods, _value_files, render
+
+    (pod,) = _server_pods(render(*_value_files(PROFILE_OF[target])))
+    return str(_container(pod)["image"])
+
+
+def test_profiles_pull_one_image_per_target() -> None:
+    assert set(PROFILE_OF) == set(TARGETS)
+    profiles = sorted(p.name for p in CHART.glob("values-*.yaml"))
+    assert sorted(PROFILE_OF.values()) == profiles, "a new profile needs its target here"
+    default = yaml.safe_load((CHART / "values.yaml").read_text())["image"]
+    assert default["tag"] == "", "the default tag is the chart's appVersion"
+    assert default["repository"] == "ghcr.io/gemmguard/gemmguard-cuda-blackwell"
+
+
+def test_release_tag_must_match_the_charts_app_version(tmp_path: Path) -> None:
+    version = _app_version()
+    script = _step(_workflow()["jobs"]["version"], "Check the tag against Chart.yaml")["run"]
+    code, out, outputs = _run_step(script, {"GITHUB_REF_NAME": f"v{version}"}, tmp_path)
+    assert code == 0, out
+    assert outputs == {"version": version}
+    code, out, _ = _run_step(script, {"GITHUB_REF_NAME": "v99.0.0"}, tmp_path)
+    assert code != 0 and f"appVersion {version}" in out
+
+
+def test_release_pushes_every_target_under_the_charts_default_name(tmp_path: Path) -> None:
+    workflow = _workflow()
+    assert workflow["on"] == {"push": {"tags": ["v*"]}}
+    assert workflow["permissions"]["packages"] == "write"
+    built: dict[str, str] = {}
+    for job in (job for job in workflow["jobs"].values() if "strategy" in job):
+        needs = job["needs"] if isinstance(job["needs"], list) else [job["needs"]]
+        assert "version" in needs
+        for target in job["strategy"]["matrix"]["target"]:
+            script = _step(job, "Image name")["run"]
+            script = script.replace("${{ matrix.target }}", target).replace(
+                "${{ needs.version.outputs.version }}", _app_version())
+            code, out, outputs = _run_step(script, dict(workflow["env"]), tmp_path)
+            assert code == 0, out
+            built[target] = outputs["IMAGE"]
+        build = next(s for s in job["steps"] if s.get("uses", "").startswith(
+            "docker/build-push-action"))
+        assert build["with"]["file"] == "images/${{ matrix.target }}/Dockerfile"
+        assert build["with"]["tags"] == "${{ env.IMAGE }}"
+        assert build["with"]["build-args"] == "VCS_REF=${{ github.sha }}"
+    assert sorted(built) == sorted(TARGETS), "every images/<target> is released, nothing else"
+    for target, image in built.items():
+        assert image == _chart_image(target), f"{target}: the chart pulls another name"
+
+
+def test_the_cpu_image_is_smoke_tested_before_anything_is_pushed() -> None:
+    jobs = _workflow()["jobs"]
+    cpu = jobs["cpu"]
+    names = [s.get("name") for s in cpu["steps"]]
+    smoke = names.index("Smoke test (demo chat completion, /gemmguard/ready)")
+    assert cpu["steps"][smoke]["run"] == 'scripts/smoke-image.sh "$IMAGE"'
+    assert smoke < names.index("Push")
+    build = _step(cpu, "Build")["with"]
+    assert build["push"] is False and build["load"] is True, "pushed only after the smoke test"
+    assert "cpu" in jobs["gpu"]["needs"], "GPU images wait for the CPU image's smoke test"
+    result = subprocess.run(["bash", "-n", str(ROOT / "scripts" / "smoke-image.sh")],
+                            capture_output=True, text=True, timeout=30, check=False)
+    assert result.returncode == 0, result.stderr
+
+
+def _make_image(*args: str, path: str | None = None) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PATH": path} if path is not None else dict(os.environ)
+    return subprocess.run(["make", "-s", "-C", str(ROOT), "image", *args], capture_output=True,
+                          text=True, timeout=60, check=False, env=env)
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_make_image_tags_as_the_chart_pulls(target: str) -> None:
+    result = subprocess.run([str(ROOT / "scripts" / "build-image.sh"), "--dry-run", target],
+                            capture_output=True, text=True, timeout=60, check=False,
+                            env={**os.environ, "CONTAINER_ENGINE": "sh"})
+    assert result.returncode == 0, result.stderr
+    command = shlex.split(result.stdout)
+    assert command[1:4] == ["build", "-f", f"images/{target}/Dockerfile"]
+    assert command[command.index("-t") + 1] == _chart_image(target)
+
+
+def test_make_image_explains_a_missing_or_unknown_target() -> None:
+    result = _make_image()
+    assert result.returncode != 0 and "no TARGET given" in result.stderr
+    assert all(t in result.stderr for t in TARGETS)
+    result = _make_image("TARGET=tpu")
+    assert result.returncode != 0 and "unknown TARGET 'tpu'" in result.stderr
+
+
+def test_make_image_needs_docker_or_podman(tmp_path: Path) -> None:
+    # A PATH with what the build script needs, and neither docker nor podman.
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name in ("bash", "sed", "git", "make", "dirname", "env"):
+        found = shutil.which(name)
+        assert found, f"{name} is needed to run make here"
+        (bin_dir / name).symlink_to(found)
+    result = _make_image("TARGET=cpu", path=str(bin_dir))
+    assert result.returncode != 0
+    assert "needs docker or podman" in result.stderr and "neither is on PATH" in result.stderr
