@@ -17,9 +17,12 @@ def _demo_model(args: argparse.Namespace) -> int:
         hidden_size=args.hidden_size,
         intermediate_size=args.intermediate_size,
         num_hidden_layers=args.layers,
+        num_experts=args.experts,
+        num_experts_per_tok=args.top_k,
+        moe_intermediate_size=args.moe_intermediate_size,
     )
-    out = write_demo_model(Path(args.out), args.scheme, args.seed, spec)
-    print(f"Wrote the {args.scheme} demo checkpoint (seed {args.seed}) to {out}")
+    out = write_demo_model(Path(args.out), args.scheme, args.seed, spec, args.arch)
+    print(f"Wrote the {args.arch} {args.scheme} demo checkpoint (seed {args.seed}) to {out}")
     return 0
 
 
@@ -94,14 +97,20 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_options(serve)
     serve.set_defaults(handler=_serve)
 
+    from gemmguard.demo.checkpoint import ARCHITECTURES, SCHEMES
+
     demo = verbs.add_parser(
         "demo-model",
-        help="Write a deterministic tiny Qwen3-style checkpoint.",
-        description="Write a tiny Qwen3-style checkpoint with a local tokenizer and chat "
-        "template. The same seed gives byte-identical files.",
+        help="Write a deterministic tiny Qwen3 or Qwen3-MoE checkpoint.",
+        description="Write a tiny Qwen3 (or Qwen3-MoE) checkpoint with a local tokenizer and "
+        "chat template. The same seed gives byte-identical files. w4a16-g128, w4a8-g128 and "
+        "nvfp4 are compressed-tensors checkpoints written by its own compressors.",
     )
-    demo.add_argument("--scheme", choices=("bf16", "fp8-block"), default="bf16",
+    demo.add_argument("--scheme", choices=SCHEMES, default="bf16",
                       help="Weight format. Default: bf16.")
+    demo.add_argument("--arch", choices=ARCHITECTURES, default="qwen3",
+                      help="Architecture: dense Qwen3 or Qwen3-MoE (routed experts in every "
+                      "layer). Default: qwen3.")
     demo.add_argument("--out", required=True, help="Folder to write the checkpoint into.")
     demo.add_argument("--seed", type=int, default=0, help="Random seed. Default: 0.")
     demo.add_argument("--layers", type=int, default=2, help="Decoder layers. Default: 2.")
@@ -109,6 +118,13 @@ def build_parser() -> argparse.ArgumentParser:
                       help="Hidden size, a multiple of 128. Default: 256.")
     demo.add_argument("--intermediate-size", type=int, default=512,
                       help="MLP width, a multiple of 128. Default: 512.")
+    demo.add_argument("--experts", type=int, default=8,
+                      help="Routed experts per layer (qwen3-moe). Default: 8.")
+    demo.add_argument("--top-k", type=int, default=2,
+                      help="Experts per token (qwen3-moe). Default: 2.")
+    demo.add_argument("--moe-intermediate-size", type=int, default=256,
+                      help="Expert MLP width, a multiple of 128 (qwen3-moe; W4A8 experts "
+                      "need a multiple of 256). Default: 256.")
     demo.set_defaults(handler=_demo_model)
 
     kernels = verbs.add_parser(

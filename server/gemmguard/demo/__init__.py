@@ -2,6 +2,6 @@
 
 from __future__ import annotations
 
-from gemmguard.demo.checkpoint import SCHEMES, DemoSpec, write_demo_model
+from gemmguard.demo.checkpoint import ARCHITECTURES, SCHEMES, DemoSpec, write_demo_model
 
-__all__ = ["SCHEMES", "DemoSpec", "write_demo_model"]
+__all__ = ["ARCHITECTURES", "SCHEMES", "DemoSpec", "write_demo_model"]

@@ -1,7 +1,9 @@
-"""Tiny Qwen3-style checkpoints, byte-identical for the same seed.
+"""Tiny Qwen3 and Qwen3-MoE checkpoints, byte-identical for the same seed.
 
-Every GEMM dimension is a multiple of 128 so that 128×128 block quantization applies
-without padding, which is the shape real FP8 block-scaled checkpoints have.
+Every GEMM dimension is a multiple of 128 so that 128×128 block quantization (and 128-column
+int4 groups) apply without padding, which is the shape real quantized checkpoints have.
+Schemes: bf16; fp8-block (vLLM's `fp8` format, 128×128 `weight_scale_inv`); w4a16-g128,
+w4a8-g128 and nvfp4 (compressed-tensors, written by its own compressors).
 """
 
 from __future__ import annotations
@@ -13,11 +15,13 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from gemmguard.demo import compressed
 from gemmguard.demo.tokenizer import SPECIAL_TOKENS, write_tokenizer
 from gemmguard.errors import UsageError
 from gemmguard.numerics import quantize_fp8_block
 
-SCHEMES = ("bf16", "fp8-block")
+SCHEMES = ("bf16", "fp8-block", *compressed.PRESETS)
+ARCHITECTURES = ("qwen3", "qwen3-moe")
 FP8_BLOCK = 128
 
 
@@ -33,11 +37,16 @@ class DemoSpec:
     head_dim: int = 64
     vocab_size: int = 384
     max_position_embeddings: int = 2048
+    # Qwen3-MoE only: routed experts in every layer, no shared expert.
+    num_experts: int = 8
+    num_experts_per_tok: int = 2
+    moe_intermediate_size: int = 256
 
     def __post_init__(self) -> None:
         sizes = {
             "hidden_size": self.hidden_size,
             "intermediate_size": self.intermediate_size,
+            "moe_intermediate_size": self.moe_intermediate_size,
             "q_proj rows (heads × head_dim)": self.num_attention_heads * self.head_dim,
             "k_proj rows (kv heads × head_dim)": self.num_key_value_heads * self.head_dim,
         }
@@ -49,10 +58,21 @@ class DemoSpec:
                 )
         if self.vocab_size < 256 + len(SPECIAL_TOKENS):
             raise UsageError(f"Demo vocab_size {self.vocab_size} is below the 259 byte tokens.")
+        if not 1 <= self.num_experts_per_tok <= self.num_experts:
+            raise UsageError(f"Demo num_experts_per_tok {self.num_experts_per_tok} must be "
+                             f"between 1 and num_experts ({self.num_experts}).")
+
+    def config_fields(self, arch: str) -> dict[str, object]:
+        """The spec's config.json fields (the dense model has no MoE fields)."""
+        fields = asdict(self)
+        if arch == "qwen3":
+            for name in ("num_experts", "num_experts_per_tok", "moe_intermediate_size"):
+                del fields[name]
+        return fields
 
 
 def _linear_shapes(spec: DemoSpec) -> dict[str, tuple[int, int]]:
-    """(out, in) of every linear layer in one decoder layer."""
+    """(out, in) of every linear layer in one dense decoder layer."""
     h, i, d = spec.hidden_size, spec.intermediate_size, spec.head_dim
     return {
         "self_attn.q_proj": (spec.num_attention_heads * d, h),
@@ -65,7 +85,34 @@ def _linear_shapes(spec: DemoSpec) -> dict[str, tuple[int, int]]:
     }
 
 
-def _tensors(spec: DemoSpec, scheme: str, seed: int) -> dict[str, torch.Tensor]:
+def _expert_shapes(spec: DemoSpec) -> dict[str, tuple[int, int]]:
+    h, i = spec.hidden_size, spec.moe_intermediate_size
+    return {"gate_proj": (i, h), "up_proj": (i, h), "down_proj": (h, i)}
+
+
+# Weights vLLM fuses into one GEMM (they share NVFP4 global scales).
+FUSED = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+def _encode(out: dict[str, torch.Tensor], weights: dict[str, torch.Tensor], scheme: str) -> None:
+    """Store linear weights by name in the scheme's on-disk tensors."""
+    for name, weight in weights.items():
+        if scheme == "fp8-block":
+            q, scale_inv = quantize_fp8_block(weight, (FP8_BLOCK, FP8_BLOCK))
+            out[f"{name}.weight"] = q
+            out[f"{name}.weight_scale_inv"] = scale_inv
+        elif scheme in compressed.PRESETS:
+            base, _, leaf = name.rpartition(".")
+            group = next((g for g in FUSED if leaf in g), (leaf,))
+            fused = [weights[f"{base}.{other}"] for other in group
+                     if other != leaf and f"{base}.{other}" in weights]
+            for suffix, tensor in compressed.compress(weight, scheme, fused).items():
+                out[f"{name}.{suffix}"] = tensor
+        else:
+            out[f"{name}.weight"] = weight.to(torch.bfloat16)
+
+
+def _tensors(spec: DemoSpec, scheme: str, seed: int, arch: str) -> dict[str, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
 
     def normal(*shape: int, std: float) -> torch.Tensor:
@@ -84,23 +131,37 @@ def _tensors(spec: DemoSpec, scheme: str, seed: int) -> dict[str, torch.Tensor]:
         out[f"{prefix}.post_attention_layernorm.weight"] = norm_weight(h)
         out[f"{prefix}.self_attn.q_norm.weight"] = norm_weight(spec.head_dim)
         out[f"{prefix}.self_attn.k_norm.weight"] = norm_weight(spec.head_dim)
-        for name, (rows, cols) in _linear_shapes(spec).items():
-            weight = normal(rows, cols, std=cols**-0.5)
-            if scheme == "fp8-block":
-                q, scale_inv = quantize_fp8_block(weight, (FP8_BLOCK, FP8_BLOCK))
-                out[f"{prefix}.{name}.weight"] = q
-                out[f"{prefix}.{name}.weight_scale_inv"] = scale_inv
-            else:
-                out[f"{prefix}.{name}.weight"] = weight.to(torch.bfloat16)
+        weights = {f"{prefix}.{name}": normal(rows, cols, std=cols**-0.5)
+                   for name, (rows, cols) in _linear_shapes(spec).items()
+                   if arch == "qwen3" or not name.startswith("mlp.")}
+        _encode(out, weights, scheme)
+        if arch == "qwen3-moe":
+            # The router stays bf16 (listed as not quantized), as in real quantized MoE models.
+            out[f"{prefix}.mlp.gate.weight"] = \
+                normal(spec.num_experts, h, std=h**-0.5).to(torch.bfloat16)
+            for expert in range(spec.num_experts):
+                # Experts' magnitudes spread over 2^-3..2^3, so that the smallest- and
+                # largest-scale experts the self-check samples are far apart.
+                gain = 2.0 ** (expert % 7 - 3)
+                _encode(out, {f"{prefix}.mlp.experts.{expert}.{name}":
+                              normal(rows, cols, std=cols**-0.5) * gain
+                              for name, (rows, cols) in _expert_shapes(spec).items()}, scheme)
     out["model.norm.weight"] = norm_weight(h)
     out["lm_head.weight"] = normal(spec.vocab_size, h, std=h**-0.5).to(torch.bfloat16)
     return out
 
 
-def _config(spec: DemoSpec, scheme: str) -> dict[str, object]:
+def _not_quantized(spec: DemoSpec, arch: str) -> list[str]:
+    """Full names of the GEMMs left in bf16: lm_head and, in MoE models, the routers."""
+    routers = [f"model.layers.{layer}.mlp.gate" for layer in range(spec.num_hidden_layers)]
+    return ["lm_head", *(routers if arch == "qwen3-moe" else [])]
+
+
+def _config(spec: DemoSpec, scheme: str, arch: str = "qwen3") -> dict[str, object]:
+    moe = arch == "qwen3-moe"
     config: dict[str, object] = {
-        "architectures": ["Qwen3ForCausalLM"],
-        "model_type": "qwen3",
+        "architectures": ["Qwen3MoeForCausalLM" if moe else "Qwen3ForCausalLM"],
+        "model_type": "qwen3_moe" if moe else "qwen3",
         "attention_bias": False,
         "attention_dropout": 0.0,
         "bos_token_id": 256,
@@ -115,8 +176,16 @@ def _config(spec: DemoSpec, scheme: str) -> dict[str, object]:
         "tie_word_embeddings": False,
         "torch_dtype": "bfloat16",
         "use_cache": True,
-        **asdict(spec),
+        **spec.config_fields(arch),
     }
+    if moe:
+        config.update({
+            "decoder_sparse_step": 1,
+            "mlp_only_layers": [],
+            "norm_topk_prob": True,
+            "output_router_logits": False,
+            "router_aux_loss_coef": 0.001,
+        })
     if scheme == "fp8-block":
         config["quantization_config"] = {
             "quant_method": "fp8",
@@ -124,21 +193,33 @@ def _config(spec: DemoSpec, scheme: str) -> dict[str, object]:
             "activation_scheme": "dynamic",
             "weight_block_size": [FP8_BLOCK, FP8_BLOCK],
         }
+        if moe:
+            config["quantization_config"]["ignored_layers"] = \
+                _not_quantized(spec, arch)[1:]  # type: ignore[index]
+    elif scheme in compressed.PRESETS:
+        config["quantization_config"] = compressed.quantization_config(
+            scheme, _not_quantized(spec, arch))
     return config
 
 
 def write_demo_model(
-    out: Path, scheme: str = "bf16", seed: int = 0, spec: DemoSpec | None = None
+    out: Path, scheme: str = "bf16", seed: int = 0, spec: DemoSpec | None = None,
+    arch: str = "qwen3",
 ) -> Path:
     """Write a loadable checkpoint (weights, config, tokenizer, chat template) into `out`."""
     if scheme not in SCHEMES:
         raise UsageError(
             f"Demo scheme '{scheme}' is not known. Use one of: {', '.join(SCHEMES)}."
         )
+    if arch not in ARCHITECTURES:
+        raise UsageError(
+            f"Demo architecture '{arch}' is not known. Use one of: {', '.join(ARCHITECTURES)}."
+        )
     spec = spec or DemoSpec()
     out.mkdir(parents=True, exist_ok=True)
-    save_file(_tensors(spec, scheme, seed), str(out / "model.safetensors"), {"format": "pt"})
-    config = _config(spec, scheme)
+    save_file(_tensors(spec, scheme, seed, arch), str(out / "model.safetensors"),
+              {"format": "pt"})
+    config = _config(spec, scheme, arch)
     (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     generation = {"bos_token_id": 256, "eos_token_id": 258, "do_sample": False}
     (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
