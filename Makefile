@@ -49,8 +49,10 @@ test: install-dev tools
 lint: install-dev
 	$(VENV)/bin/ruff check server tests benchmarks scripts
 
+# gemmguard against plain vLLM with vLLM's own `vllm bench serve` (A/B and A/A), plus gemmguard's
+# own figures; about 15 minutes on a 2-core box. docs/benchmarks.md says how to read it.
 bench: install-dev
-	$(PY) -m benchmarks --out docs
+	$(PY) -m benchmarks --out docs/bench-cpu
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -1,9 +1,9 @@
-"""What gemmguard costs on top of vLLM, measured side by side: `python -m benchmarks --help`.
+"""gemmguard against plain vLLM, measured with vLLM's own `vllm bench serve`: `make bench`.
 
-Modules: `stats` (percentiles, ratios, spread), `compare` (gemmguard against plain: ratios,
-goals, noise), `load` (the loopback client), `servers` (starting, timing and sampling the
-two servers), `kernels` (issue 4's portable FP8 kernel timing), `machine` (versions and
-host), `runner` (the sections), `report` and `formatting` (Markdown, JSON, summary), `cli`.
+Modules: `vllm_cli` (runs vLLM's command line, the one place that does), `servers` (the CPU
+run's servers: start-up split, freeze, memory), `cli` (the CPU A/B and A/A driver behind
+`make bench`), `comparison` (ratios and spread from vLLM's result JSONs; also summarizes the GPU
+run of scripts/gpu-bench.sh), `kernels` (the portable FP8 kernels' speed).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""`python -m benchmarks`: run the side-by-side benchmark and write its report."""
+"""`python -m benchmarks`: see benchmarks.cli."""
 
 from __future__ import annotations
 

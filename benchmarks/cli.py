@@ -1,170 +1,206 @@
-"""`python -m benchmarks`: gemmguard against plain vLLM on this machine; writes the report.
+"""`make bench`: gemmguard against plain vLLM on this machine, measured with `vllm bench serve`.
 
-    python -m benchmarks --out docs                     # the committed report (make bench)
-    python -m benchmarks --out /tmp/b --requests 8 --concurrency 1,2 --rounds 1 \\
-        --skip-large --skip-fp8                         # a smoke run, a few minutes
-    python -m benchmarks --render docs/benchmarks.json --out docs  # re-derive, re-render
+    python -m benchmarks --out docs/bench-cpu              # what `make bench` runs
+    python -m benchmarks --out /tmp/b --rounds 1 --skip-kernels   # a quick look
 
-Exit status: 0 when every section ran and every request was answered; 1 otherwise (the
-report is written either way). The speed goals are reported, never enforced.
+One checkpoint (the bf16 demo model, which plain vLLM loads too), three servers: plain vLLM and
+gemmguard up together, the one not being measured frozen, `vllm bench serve` against each in
+ABBA order; then gemmguard is stopped and a second plain server (`plain-b`) takes its place for
+the A/A rounds. Each round uses its own random-prompt seed, so no server sees a prompt twice.
+Beside vLLM's result JSONs it records what only gemmguard has: the start-up split (launch →
+/health → /gemmguard/ready), the self-check's share of it, memory, canaries sent under load and
+their latency, and the portable FP8 kernels' speed (`benchmarks.kernels`).
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import shlex
-import shutil
+import os
+import socket
+import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-from benchmarks import compare, report
-from benchmarks.machine import default_omp_bind, machine, versions
-from benchmarks.runner import Options, run
+from prometheus_client.parser import text_string_to_metric_families
+
+from benchmarks import comparison, rounds
+from benchmarks.servers import SERVED_NAME, Server, start
+
+# Same vLLM options for every server: a short context keeps the CPU engine's start quick.
+ENGINE_ARGS = ["--enforce-eager", "--max-model-len", "1024"]
+# The CPU engine's KV cache for every server (gemmguard serve's default too), in GiB.
+CPU_KVCACHE_GIB = "1"
+# Small enough for a 2-core box: a run takes a few seconds.
+DEFAULT_LOAD = "small:64:64:4:32"
+SETTLE_S = 2.0  # after a thaw, before measuring: a canary that fell due while frozen runs here
 
 
-def _ints(text: str) -> tuple[int, ...]:
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _canaries(server: Server) -> tuple[int, float, float]:
+    """Canaries sent so far, and the canary latency histogram's count and sum."""
+    sent = int(server.get("/gemmguard/live").json()["canaries_sent"])
+    count = total = 0.0
+    for family in text_string_to_metric_families(server.get("/metrics").text):
+        for sample in family.samples:
+            if sample.name == "gemmguard_canary_latency_seconds_count":
+                count += sample.value
+            elif sample.name == "gemmguard_canary_latency_seconds_sum":
+                total += sample.value
+    return sent, count, total
+
+
+def run_pair(numbers: range, servers: dict[str, Server], model: Path, args: argparse.Namespace,
+             results: Path, log: Callable[[str], None]) -> int:
+    """ABBA rounds, each server thawed only for its own runs; returns the canaries gemmguard
+    sent while it was measured."""
+    canaries = [0]
+
+    def before(arm: str) -> None:
+        servers[arm].freeze(False)
+        time.sleep(SETTLE_S)
+        if arm == "gemmguard":
+            canaries[0] -= _canaries(servers[arm])[0]
+
+    def after(arm: str) -> None:
+        if arm == "gemmguard":
+            canaries[0] += _canaries(servers[arm])[0]
+        servers[arm].freeze(True)
+
+    rounds.run_rounds({arm: s.url for arm, s in servers.items()}, args.load, numbers,
+                      SERVED_NAME, str(model), results,
+                      extra=["--num-warmups", str(max(load.concurrency for load in args.load))],
+                      before=before, after=after, log=log)
+    return canaries[0]
+
+
+def run(args: argparse.Namespace, work: Path, log: Callable[[str], None]) -> dict[str, Any]:
+    results = args.out / "results"
+    results.mkdir(parents=True, exist_ok=True)
+    for old in [*results.glob("*.json"), *results.glob("*.log"), results / comparison.STARTUP_FILE]:
+        old.unlink(missing_ok=True)  # one run per folder: the summary pairs what it finds
+    model = work / "model"
+    subprocess.run([sys.executable, "-m", "gemmguard.cli", "demo-model", "--scheme", "bf16",
+                    "--out", str(model)], check=True, stdout=subprocess.DEVNULL)
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE",
+                                                                  CPU_KVCACHE_GIB)}
+    own: dict[str, Any] = {"settings": {k: str(v) for k, v in vars(args).items()}}
+    servers: dict[str, Server] = {}
+    startups = results / comparison.STARTUP_FILE
+
+    def launch(arm: str) -> Server:
+        log(f"[bench] starting {arm}")
+        server = start(arm, model, _free_port(), ENGINE_ARGS, env, work)
+        with startups.open("a") as out:
+            out.write(json.dumps({"arm": arm, "start": 1, "health_s": server.health_s,
+                                  "ready_s": server.ready_s}) + "\n")
+        server.freeze(True)  # starts one at a time, and nobody runs while another is measured
+        servers[arm] = server
+        return server
+
     try:
-        values = tuple(int(v) for v in text.split(",") if v.strip())
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(
-            f"'{text}' is not a comma-separated list of integers (e.g. 1,4,16).") from exc
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"'{text}' must list positive integers (e.g. 1,4,16).")
-    return values
+        launch("plain")
+        gemmguard = launch("gemmguard")
+        gemmguard.freeze(False)
+        selfcheck = gemmguard.get("/gemmguard/v1/selfcheck").json()
+        gemmguard.freeze(True)
+        own["selfcheck"] = {
+            "duration_s": selfcheck.get("duration_seconds"),
+            "share_of_ready": (selfcheck.get("duration_seconds") or 0) / gemmguard.ready_s,
+            "sample_fraction": selfcheck.get("sample_fraction")}
+        ab = range(1, args.rounds + 1)
+        own["canaries_sent_while_measured"] = run_pair(ab, dict(servers), model, args, results,
+                                                       log)
+        gemmguard.freeze(False)
+        _, count, total = _canaries(gemmguard)
+        own["canary_latency_mean_s"] = total / count if count else None
+        own["memory_mib"] = {arm: s.memory_mib() for arm, s in servers.items()}
+        servers.pop("gemmguard").stop()
+        launch("plain-b")
+        # New round numbers, so plain is sent prompts it has not seen.
+        run_pair(range(ab.stop, ab.stop + args.rounds), dict(servers), model, args, results, log)
+    finally:
+        for server in servers.values():
+            server.stop()
+    if not args.skip_kernels:
+        log("[bench] portable FP8 kernels")
+        timed = subprocess.run([sys.executable, "-m", "benchmarks.kernels", "--shapes", "demo",
+                                "--tokens", "1,16,128", "--repeats", "3"],
+                               check=True, capture_output=True, text=True)
+        own["kernels"] = json.loads(timed.stdout)
+    return own
 
 
-def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"'{text}' is not an integer.") from exc
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"'{text}' must be 0 or more.")
-    return value
-
-
-def _positive(text: str) -> int:
-    value = _ints(text)
-    if len(value) != 1:
-        raise argparse.ArgumentTypeError(f"'{text}' must be one positive integer.")
-    return value[0]
+def own_lines(own: dict[str, Any]) -> list[str]:
+    """What only gemmguard has: self-check share, canaries, memory, portable kernels."""
+    sc = own["selfcheck"]
+    lines = [f"Self-check: {sc['duration_s']:.2f} s, {100 * sc['share_of_ready']:.1f}% of "
+             "gemmguard's launch → ready time.",
+             f"Canaries sent while gemmguard was measured: {own['canaries_sent_while_measured']}"
+             + (f"; a canary took {1000 * own['canary_latency_mean_s']:.0f} ms on average."
+                if own.get("canary_latency_mean_s") else "."),
+             "", "| server | RSS | USS | PSS |", "|---|---|---|---|"]
+    for arm, mem in own["memory_mib"].items():
+        lines.append(f"| {arm} | {mem['rss']:,.0f} MiB | {mem['uss']:,.0f} MiB | "
+                     f"{mem['pss']:,.0f} MiB |")
+    if "kernels" in own:
+        lines += ["", "| layer | tokens | F.linear bf16 | Dequant (W8A16) | Emulated (W8A8) |",
+                  "|---|---|---|---|---|"]
+        for row in own["kernels"]["rows"]:
+            r = row["ratio_vs_bf16"]
+            lines.append(f"| {row['shape']} | {row['tokens']} | "
+                         f"{1e6 * row['seconds']['bf16_linear']:.0f} µs | "
+                         f"{r['PortableFp8BlockDequantKernel']:.2f}× | "
+                         f"{r['PortableFp8BlockEmulatedKernel']:.2f}× |")
+    return lines
 
 
 def build_parser() -> argparse.ArgumentParser:
-    d = Options()
-    p = argparse.ArgumentParser(
-        prog="python -m benchmarks",
-        description="Measure gemmguard serve against vLLM's own OpenAI server on this machine "
-        "(request path, start-up, memory, load held) and the portable FP8 kernels; write "
-        "benchmarks.md and benchmarks.json.")
+    p = argparse.ArgumentParser(prog="python -m benchmarks", description=(
+        "gemmguard serve against plain vLLM with `vllm bench serve` (A/B, and A/A for noise), "
+        "plus gemmguard's own start-up split, memory, canary and portable kernel figures."))
     p.add_argument("--out", type=Path, default=Path("benchmark-results"),
-                   help="Folder for benchmarks.md and benchmarks.json. Default: "
-                   "benchmark-results.")
-    p.add_argument("--requests", type=_positive, default=d.requests,
-                   help=f"Requests per batch (one server, one concurrency, one round). "
-                   f"Default: {d.requests}.")
-    p.add_argument("--concurrency", type=_ints, default=d.concurrency,
-                   help="Concurrency levels, comma-separated. Default: "
-                   f"{','.join(map(str, d.concurrency))}.")
-    p.add_argument("--rounds", type=_positive, default=d.rounds,
-                   help=f"A/B rounds of the request path. Default: {d.rounds}.")
-    p.add_argument("--max-tokens", type=_positive, default=d.max_tokens,
-                   help=f"Output tokens per request (end token ignored). Default: {d.max_tokens}.")
-    p.add_argument("--prompt-len", type=_positive, default=d.prompt_len,
-                   help=f"Prompt length in characters (one demo token each). "
-                   f"Default: {d.prompt_len}.")
-    p.add_argument("--startup-rounds", type=_count, default=d.startup_rounds,
-                   help="Start-ups of each server alone per checkpoint, on top of the request "
-                   f"path's pair. Default: {d.startup_rounds}.")
-    p.add_argument("--engine-args", default=shlex.join(d.engine_args),
-                   help="vLLM options both servers get, as one string. Default: "
-                   f"'{shlex.join(d.engine_args)}'.")
-    p.add_argument("--omp-threads-bind", default=None, metavar="CPUS",
-                   help="VLLM_CPU_OMP_THREADS_BIND for both servers' engines (e.g. 0, 0-6, "
-                   "auto). Default: every usable CPU but the last, which is left to the API "
-                   f"servers and the load client (here: {default_omp_bind()}).")
-    p.add_argument("--large", type=_ints, default=d.large, metavar="LAYERS,HIDDEN,INTERMEDIATE",
-                   help="Shape of the larger synthetic checkpoint. Default: "
-                   f"{','.join(map(str, d.large))}.")
-    p.add_argument("--skip-large", action="store_true",
-                   help="Leave out the larger checkpoint and the 4096×4096 kernel shape. "
-                   "Default: include them.")
-    p.add_argument("--skip-fp8", action="store_true",
-                   help="Leave out the fp8-block start-ups (gemmguard alone). Default: include.")
+                   help="Folder for results/ (vLLM's JSONs and startup.jsonl), gemmguard.json "
+                   "and summary.md. Default: benchmark-results.")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="Rounds per pair and load (each arm once per round). Default: 3.")
+    p.add_argument("--load", type=rounds.Load.parse, action="append", default=None,
+                   metavar="NAME:IN:OUT:CONCURRENCY:PROMPTS",
+                   help=f"A load for `vllm bench serve` (repeatable). Default: {DEFAULT_LOAD}.")
     p.add_argument("--skip-kernels", action="store_true",
-                   help="Leave out the portable kernel timing (issue 4). Default: include it.")
-    p.add_argument("--kernel-tokens", type=_ints, default=d.kernel_tokens,
-                   help="Token counts for the kernel timing. Default: "
-                   f"{','.join(map(str, d.kernel_tokens))}.")
-    p.add_argument("--kernel-threads", type=_positive, default=d.kernel_threads,
-                   help=f"Torch threads for the kernel timing. Default: {d.kernel_threads}.")
-    p.add_argument("--kernel-repeats", type=_positive, default=d.kernel_repeats,
-                   help=f"Interleaved repeats per kernel timing. Default: {d.kernel_repeats}.")
-    p.add_argument("--start-timeout", type=float, default=d.start_timeout_s,
-                   help="Seconds a server may take to answer its first completion. "
-                   f"Default: {d.start_timeout_s:.0f}.")
-    p.add_argument("--workdir", type=Path, default=None,
-                   help="Folder for checkpoints and server logs, kept afterwards. Default: a "
-                   "temporary folder, removed unless a section failed.")
-    p.add_argument("--render", type=Path, default=None, metavar="JSON",
-                   help="Measure nothing: re-derive the summaries of this benchmarks.json "
-                   "from its raw measurements and write both files into --out.")
+                   help="Leave out the portable FP8 kernel timing. Default: include it.")
     return p
 
 
-def options_from(args: argparse.Namespace) -> Options:
-    if len(args.large) != 3:
-        raise SystemExit(f"--large has value {args.large}; it takes LAYERS,HIDDEN,INTERMEDIATE "
-                         "(e.g. 8,1024,4096).")
-    return Options(
-        requests=args.requests, concurrency=args.concurrency, rounds=args.rounds,
-        max_tokens=args.max_tokens, prompt_len=args.prompt_len,
-        startup_rounds=args.startup_rounds, engine_args=tuple(shlex.split(args.engine_args)),
-        omp_threads_bind=args.omp_threads_bind or default_omp_bind(),
-        large=args.large, skip_large=args.skip_large, skip_fp8=args.skip_fp8,
-        skip_kernels=args.skip_kernels, kernel_tokens=args.kernel_tokens,
-        kernel_threads=args.kernel_threads, kernel_repeats=args.kernel_repeats,
-        start_timeout_s=args.start_timeout)
-
-
-def _log(line: str) -> None:
-    print(line, file=sys.stderr, flush=True)
-
-
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
-    if args.render is not None:
-        results = compare.derive(json.loads(args.render.read_text()))
-        md, js = report.write(results, args.out)
-        print(f"Wrote {md} and {js}")
-        return 0
-    options = options_from(args)
-    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="gemmguard-bench-"))
-    started = datetime.datetime.now(datetime.timezone.utc)
-    clock = time.perf_counter()
-    results = {
-        "command": "python -m benchmarks " + shlex.join(argv),
-        "python_executable": sys.executable,
-        "started": started.isoformat(timespec="seconds"),
-        "versions": versions(),
-        "machine": machine(),
-        "settings": options.as_dict(),
-    }
-    _log(f"[bench] workdir {workdir}")
-    results.update(run(options, workdir, _log))
-    results["duration_s"] = time.perf_counter() - clock
-    md, js = report.write(results, args.out)
-    failed = bool(results["problems"]) or not (results.get("load_held") or {}).get("held")
-    print("\n".join(["", "gemmguard benchmark summary", "-" * 27,
-                     *report.summary_lines(results), "", f"Report: {md}", f"Data:   {js}"]))
-    if args.workdir is None and not failed:
-        shutil.rmtree(workdir, ignore_errors=True)
-    elif failed:
-        print(f"Server logs kept in {workdir / 'logs'}")
-    return 1 if failed else 0
+    args.load = args.load or [rounds.Load.parse(DEFAULT_LOAD)]
 
+    def log(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+    with tempfile.TemporaryDirectory(prefix="gemmguard-bench-") as tmp:
+        try:
+            own = run(args, Path(tmp), log)
+        except (Exception, SystemExit) as exc:  # a server or a vLLM run failed: show its log
+            log(f"[bench] failed: {exc!r}")
+            for path in [*sorted(Path(tmp).glob("*.log")),
+                         *sorted((args.out / "results").glob("*.log"))]:
+                log(f"--- {path.name} (last lines)\n" + path.read_text(errors="replace")[-3000:])
+            return 1
+    for log_file in (args.out / "results").glob("*.log"):  # vLLM's printout, also in the JSONs
+        log_file.unlink()
+    (args.out / "gemmguard.json").write_text(json.dumps(own, indent=1) + "\n")
+    summary = "\n".join([comparison.markdown(args.out / "results"), "", *own_lines(own)])
+    (args.out / "summary.md").write_text(summary + "\n")
+    print(summary)
+    return 0
