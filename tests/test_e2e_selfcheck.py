@@ -43,8 +43,8 @@ def warned(server_factory: Callable[..., Server]) -> Server:
 
 @pytest.fixture(scope="module")
 def fell_back(server_factory: Callable[..., Server]) -> Server:
-    # Default policy (fallback): the engine starts twice before the server is ready.
-    return server_factory(env={"GEMMGUARD_TEST_KERNELS": "e8m0"}, engine_starts=2)
+    # Default policy (fallback): the kernel is replaced inside the one engine start.
+    return server_factory(env={"GEMMGUARD_TEST_KERNELS": "e8m0"})
 
 
 def test_warn_serves_and_says_degraded(warned: Server) -> None:
@@ -63,12 +63,16 @@ def test_warn_serves_and_says_degraded(warned: Server) -> None:
     assert _completes(warned)
 
 
-def test_fallback_restarts_once_and_ends_on_a_passing_kernel(fell_back: Server) -> None:
+def test_fallback_replaces_in_place_with_one_engine_start(fell_back: Server) -> None:
     report = fell_back.get("/gemmguard/v1/selfcheck").json()
-    assert report["passed"] is True
-    assert report["denied_by_selfcheck"] == [E8M0]
-    assert report["previous"]["passed"] is False
-    assert report["previous"]["offending_kernels"] == [E8M0]
+    assert report["passed"] is True and report["complete"] is True
+    replaced = report["replacements"]
+    fp8_layers = [row for row in report["ranks"][0]["layers"] if row["scheme"] == "fp8-block"]
+    assert len(replaced) == len(fp8_layers) > 0
+    for item in replaced:
+        assert item["rejected"] == E8M0 and item["rejected_verdict"] == "degraded"
+        assert item["kernel"] and item["kernel"] != E8M0
+        assert item["cost_ratio"] > 0  # measured at load on the layer's shape
     kernels = fell_back.get("/gemmguard/v1/kernels").json()["ranks"][0]["layers"]
     fp8 = {row["kernel"] for row in kernels if row["scheme"] == "fp8-block"}
     assert fp8 and E8M0 not in fp8
@@ -77,8 +81,13 @@ def test_fallback_restarts_once_and_ends_on_a_passing_kernel(fell_back: Server) 
     assert {s.labels["preferred"] for s in selfcheck_fallbacks} == {E8M0}
     assert {s.labels["chosen"] for s in selfcheck_fallbacks} == fp8
     assert _value(fell_back, "gemmguard_selfcheck_passed") == 1
-    assert f"restarting once with {E8M0} denied" in fell_back.log()
-    assert fell_back.log().count("Loaded endpoint plugin gemmguard_api") == 2  # two starts
+    assert _value(fell_back, "gemmguard_selfcheck_rejected_layers", kernel=E8M0,
+                  result="degraded") == len(replaced)
+    (cost,) = [s for s in _samples(fell_back, "gemmguard_selfcheck_replacement_cost_ratio")
+               if s.labels["rejected"] == E8M0]
+    assert cost.value > 0
+    assert "replaced by" in fell_back.log()
+    assert fell_back.log().count("Loaded endpoint plugin gemmguard_api") == 1  # one start
     assert _completes(fell_back)
 
 

@@ -10,7 +10,10 @@ import torch
 from gemmguard import numerics
 from gemmguard.kernels import faulty
 from gemmguard.selfcheck import measure
-from gemmguard.selfcheck.sample import Activation, LayerSample, sample_rows
+import json
+
+from gemmguard.selfcheck.sample import LinearSample, sample_rows
+from gemmguard.selfcheck.schemes import Activation
 
 N, K = 512, 256
 
@@ -25,10 +28,15 @@ def _layer(apply):  # type: ignore[no-untyped-def]
     return SimpleNamespace(quant_method=method, weight=None)
 
 
-def _sample(q: torch.Tensor, scale: torch.Tensor) -> LayerSample:
+def _sample(q: torch.Tensor, scale: torch.Tensor) -> LinearSample:
     rows = sample_rows(N)
-    return LayerSample("layer", "fp8-block", rows, q[rows], scale[rows // 128], (128, 128),
-                       Activation("group", 128), torch.bfloat16)
+    weight = numerics.dequantize_fp8_block(q, scale)[rows]
+    return LinearSample("layer", "fp8-block", rows, weight, Activation("group", 128),
+                        torch.bfloat16)
+
+
+def _check(layer, sample, seed=0):  # type: ignore[no-untyped-def]
+    return measure.check_linear(layer, sample, "kernel-under-test", "linear", seed)
 
 
 def _kernels(q: torch.Tensor, scale: torch.Tensor) -> dict[str, object]:
@@ -53,14 +61,14 @@ def _kernels(q: torch.Tensor, scale: torch.Tensor) -> dict[str, object]:
 @pytest.mark.parametrize("kernel", ["dequant-bf16", "emulated-w8a8"])
 def test_honest_kernels_pass_over_seeds(kernel: str, seed: int) -> None:
     q, scale = _checkpoint(seed)
-    result = measure.check_layer(_layer(_kernels(q, scale)[kernel]), _sample(q, scale), seed)
+    result = _check(_layer(_kernels(q, scale)[kernel]), _sample(q, scale), seed)
     assert result.verdict == "pass", result
     assert result.excess_bits < measure.DEGRADED_EXCESS_BITS
 
 
 def test_e8m0_requantization_is_degraded_not_broken() -> None:
     q, scale = _checkpoint(0)
-    result = measure.check_layer(_layer(_kernels(q, scale)["e8m0"]), _sample(q, scale))
+    result = _check(_layer(_kernels(q, scale)["e8m0"]), _sample(q, scale))
     assert result.verdict == "degraded", result
     # The H100 measured ~0.5 bit on a real checkpoint; this random one loses about 1-1.8.
     assert 0.3 < result.excess_bits < 2.0
@@ -69,16 +77,28 @@ def test_e8m0_requantization_is_degraded_not_broken() -> None:
 @pytest.mark.parametrize("kernel", ["garbage", "corrupt-block"])
 def test_garbage_and_one_corrupt_block_are_broken(kernel: str) -> None:
     q, scale = _checkpoint(0)
-    result = measure.check_layer(_layer(_kernels(q, scale)[kernel]), _sample(q, scale))
+    result = _check(_layer(_kernels(q, scale)[kernel]), _sample(q, scale))
     assert result.verdict == "broken", result
     assert result.worst_block_error >= measure.BROKEN_RELATIVE_ERROR
 
 
 def test_non_finite_output_is_broken() -> None:
     q, scale = _checkpoint(0)
-    result = measure.check_layer(
-        _layer(lambda x: torch.full((x.shape[0], N), float("nan"))), _sample(q, scale))
+    result = _check(_layer(lambda x: torch.full((x.shape[0], N), float("nan"))),
+                    _sample(q, scale))
     assert result.verdict == "broken"
+    # No NaN or Inf ever reaches JSON: non-finite measurements are reported as null.
+    assert result.bits is None and result.excess_bits is None
+    json.dumps(result.as_dict(), allow_nan=False)
+
+
+def test_a_zero_reference_is_unchecked_not_passed() -> None:
+    q, scale = _checkpoint(0)
+    sample = _sample(q, scale)
+    sample.weight.zero_()
+    result = _check(_layer(lambda x: torch.zeros(x.shape[0], N)), sample)
+    assert result.verdict == "unchecked"
+    assert result.reason == "reference is zero"
 
 
 def test_verdict_thresholds() -> None:

@@ -1,41 +1,54 @@
-"""What each policy does with a self-check outcome, and the report it gives."""
+"""What the ranks' reports add up to: counts, completeness, refusal, and the report text."""
 
 from __future__ import annotations
+
+import json
 
 from gemmguard.selfcheck.policy import Outcome, summary
 
 
-def _rank(*verdicts: str) -> dict:  # type: ignore[type-arg]
-    layers = [{"layer": f"l{i}", "kernel": "K[A|B]" if v != "pass" else "Good",
-               "scheme": "fp8-block", "bits": 4.5, "expected_bits": 5.5, "excess_bits": 1.0,
-               "verdict": v}
+def _rank(*verdicts: str, refusal: str = "") -> dict:  # type: ignore[type-arg]
+    layers = [{"layer": f"l{i}", "layer_type": "linear",
+               "kernel": "K[A|B]" if v != "pass" else "Good", "scheme": "fp8-block",
+               "bits": 4.5 if v != "unchecked" else None,
+               "expected_bits": 5.5 if v != "unchecked" else None,
+               "excess_bits": 1.0 if v != "unchecked" else None,
+               "verdict": v, "reason": "no reference for scheme w4a16" if v == "unchecked"
+               else "", "replacement": None, "experts": []}
               for i, v in enumerate(verdicts)]
-    return {"rank": 0, "seconds": 0.1, "sample_bytes": 10, "model_bytes": 2000, "layers": layers}
+    return {"rank": 0, "seconds": 0.1, "sample_bytes": 10, "model_bytes": 2000,
+            "refusal": refusal, "layers": layers}
 
 
-def test_passing_outcome_serves_under_every_policy() -> None:
-    for policy in ("warn", "fallback", "fail"):
-        outcome = Outcome(policy, [_rank("pass", "pass")])
-        assert outcome.passed and outcome.serves and outcome.action == "serve"
+def test_passing_outcome_serves() -> None:
+    outcome = Outcome("fallback", [_rank("pass", "pass")])
+    assert outcome.passed and outcome.complete and outcome.serves
+    assert outcome.action == "serve"
 
 
-def test_failing_outcome_per_policy() -> None:
-    ranks = [_rank("pass", "degraded", "broken")]
-    assert Outcome("warn", ranks).action == "serve-degraded"
-    assert Outcome("warn", ranks).serves
-    assert Outcome("fallback", ranks).action == "fallback"
-    assert Outcome("fallback", ranks, previous={"passed": False}).action == "fail"
-    assert Outcome("fail", ranks).action == "fail"
-    assert not Outcome("fail", ranks).serves
+def test_an_unchecked_layer_never_gives_passed_and_complete() -> None:
+    outcome = Outcome("fallback", [_rank("pass", "unchecked")])
+    assert not outcome.complete
+    body = outcome.as_dict()
+    assert body["counts"]["unchecked"] == 1
+    assert body["unchecked"] == [{"layer": "l1", "reason": "no reference for scheme w4a16"}]
+    assert "INCOMPLETE: 1 unchecked" in body["summary"]
+    assert "unchecked l1 (fp8-block, K[A|B]): no reference for scheme w4a16" in body["summary"]
+    json.dumps(body, allow_nan=False)  # nothing non-finite reaches JSON
+
+
+def test_warn_serves_degraded_and_a_rank_refusal_refuses() -> None:
+    assert Outcome("warn", [_rank("pass", "degraded")]).action == "serve-degraded"
+    refused = Outcome("fail", [_rank("degraded", refusal="1 layer(s) failed")])
+    assert refused.action == "refuse" and not refused.serves
 
 
 def test_report_names_layers_kernels_bits_and_the_option_that_avoids_them() -> None:
-    outcome = Outcome("fail", [_rank("pass", "degraded")])
+    outcome = Outcome("warn", [_rank("pass", "degraded")])
     text = summary(outcome)
-    assert "1 passed, 1 degraded, 0 broken" in text
+    assert "1 passed, 1 degraded, 0 broken, 0 unchecked" in text
     assert "l1: K[A|B] gives 4.5 bits where the fp8-block scheme allows 5.5" in text
     assert "--deny-kernel K --deny-kernel A --deny-kernel B" in text
     body = outcome.as_dict()
     assert body["sample_fraction"] == 10 / 2000
-    # A per-call dispatcher fails through its parts too: deny them all, or vLLM re-picks one.
     assert body["offending_kernels"] == ["K", "A", "B"]

@@ -1,86 +1,83 @@
-"""Reference GEMMs per scheme, tested on their own against hand-built checkpoints."""
+"""Checkpoint formats and reference GEMMs, tested on their own against hand-built layers."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
+import pytest
 import torch
 
 from gemmguard import numerics
-from gemmguard.selfcheck import reference
-from gemmguard.selfcheck.sample import Activation, LayerSample, sample_rows
+from gemmguard.selfcheck import reference, schemes
+from gemmguard.selfcheck.sample import LinearSample, MoeSample, sample_rows
+from gemmguard.selfcheck.schemes import Activation
 
 GEN = torch.Generator().manual_seed(0)
-
-
-def _sample(scheme: str, weight: torch.Tensor, scale: torch.Tensor | None,
-            block: tuple[int, int] | None, activation: Activation) -> LayerSample:
-    rows = sample_rows(weight.shape[0])
-    if scale is not None and block is not None:
-        scale = scale[rows // block[0]]
-    elif scale is not None:
-        scale = scale[rows]
-    return LayerSample("l", scheme, rows, weight[rows], scale, block, activation, torch.bfloat16)
 
 
 def test_fp8_block_rows_dequantize_to_the_checkpoint_values() -> None:
     weight = torch.randn(256, 384, generator=GEN)
     q, scale = numerics.quantize_fp8_block(weight)
-    sample = _sample("fp8-block", q, scale, (128, 128), Activation("group", 128))
-    expected = numerics.dequantize_fp8_block(q, scale)[sample.rows]
-    assert torch.equal(reference.dequantized_rows(sample), expected)
+    module = SimpleNamespace(weight=q, weight_scale_inv=scale)
+    fmt = schemes.ScaledFormat("fp8", (128, 128))
+    rows = sample_rows(256)
+    assert torch.equal(fmt.rows(module, rows), numerics.dequantize_fp8_block(q, scale)[rows])
+
+
+def test_extreme_rows_sit_in_the_blocks_with_the_smallest_and_largest_scales() -> None:
+    weight = torch.randn(512, 256, generator=GEN)
+    weight[128:256] *= 1e-3  # block-row 1: tiny scales
+    weight[384:512] *= 1e3  # block-row 3: huge scales
+    q, scale = numerics.quantize_fp8_block(weight)
+    fmt = schemes.ScaledFormat("fp8", (128, 128))
+    blocks = {row // 128 for row in fmt.extreme_rows(SimpleNamespace(weight=q,
+                                                                      weight_scale_inv=scale))}
+    assert {1, 3} <= blocks
 
 
 def test_fp8_per_tensor_merged_layer_keeps_one_scale_per_shard() -> None:
-    # q/k/v shards with their own per-tensor scales, as a merged QKV checkpoint has them.
     q = (torch.randn(384, 128, generator=GEN) * 50).to(torch.float8_e4m3fn)
-    shard_scales = torch.tensor([0.5, 2.0, 8.0])
-    per_row = shard_scales.repeat_interleave(128).reshape(-1, 1)
-    sample = _sample("fp8-tensor", q, per_row, None, Activation("tensor"))
-    rows = reference.dequantized_rows(sample)
-    assert torch.equal(rows, q.float()[sample.rows] * per_row[sample.rows])
-    assert sorted(set(sample.scale.flatten().tolist())) == [0.5, 2.0, 8.0]  # type: ignore[union-attr]
+    module = SimpleNamespace(weight=q, weight_scale=torch.tensor([0.5, 2.0, 8.0]),
+                             logical_widths=[128, 128, 128])
+    rows = torch.tensor([0, 200, 300])
+    got = schemes.ScaledFormat("fp8", None).rows(module, rows)
+    assert torch.equal(got, q.float()[rows] * torch.tensor([[0.5], [2.0], [8.0]]))
 
 
-def test_fp8_per_channel_and_int8_rows() -> None:
-    q = (torch.randn(256, 128, generator=GEN) * 50).to(torch.float8_e4m3fn)
-    scale = torch.rand(256, 1, generator=GEN) + 0.1
-    fp8 = _sample("fp8-channel", q, scale, None, Activation("token"))
-    assert torch.allclose(reference.dequantized_rows(fp8), q.float()[fp8.rows] * scale[fp8.rows])
-    qi = torch.randint(-127, 128, (256, 128), generator=GEN, dtype=torch.int8)
-    int8 = _sample("int8-channel", qi, scale, None, Activation("token"))
-    assert torch.allclose(reference.dequantized_rows(int8),
-                          qi.float()[int8.rows] * scale[int8.rows])
+def test_weights_that_do_not_match_the_scheme_are_unchecked_with_the_reason() -> None:
+    module = SimpleNamespace(weight=torch.randn(256, 128).bfloat16(),
+                             weight_scale_inv=torch.ones(2, 1))
+    with pytest.raises(schemes.Unchecked, match="do not match the declared scheme"):
+        schemes.ScaledFormat("fp8", (128, 128)).rows(module, torch.tensor([0]))
+    with pytest.raises(schemes.Unchecked, match="no reference for scheme w9a9"):
+        schemes.linear_format("w9a9", None)
 
 
-def test_unquantized_ideal_is_the_exact_product_in_the_output_dtype() -> None:
-    weight = torch.randn(256, 128, generator=GEN).bfloat16()
-    sample = _sample("unquantized-bf16", weight, None, None, Activation("none"))
-    x = torch.randn(4, 128, generator=GEN).bfloat16()
-    exact = reference.exact(sample, x)
-    assert torch.equal(reference.ideal(sample, x), exact.bfloat16().float())
+def test_ideal_quantizes_activations_as_the_scheme_says() -> None:
+    weight = torch.randn(8, 256, generator=GEN)
+    x = torch.randn(4, 256, generator=GEN)
+    sample = LinearSample("l", "fp8-block", torch.arange(8), weight, Activation("group", 128),
+                          torch.float32)
+    expected = numerics.fake_quantize_fp8_groups(x, 128) @ weight.t()
+    assert torch.equal(reference.ideal(sample, x), expected)
+    assert torch.equal(reference.exact(sample, x), x @ weight.t())
 
 
-def test_fp8_ideal_quantizes_activations_as_the_scheme_says() -> None:
-    weight = torch.randn(256, 256, generator=GEN)
-    q, scale = numerics.quantize_fp8_block(weight)
-    sample = _sample("fp8-block", q, scale, (128, 128), Activation("group", 128))
-    x = torch.randn(16, 256, generator=GEN)
-    ideal = reference.ideal(sample, x)
-    by_hand = numerics.fake_quantize_fp8_groups(x, 128) @ reference.dequantized_rows(sample).t()
-    assert torch.equal(ideal, by_hand.bfloat16().float())
-    error = (ideal - reference.exact(sample, x)).norm() / reference.exact(sample, x).norm()
-    assert 0.005 < error < 0.1  # fp8 activations cost a few percent, not nothing, not all
+def test_moe_reference_is_the_routed_sum_of_silu_gated_experts() -> None:
+    h, inter = 16, 8
+    w13 = {e: torch.randn(2 * inter, h, generator=GEN) for e in (0, 1)}
+    w2 = {e: torch.randn(h, inter, generator=GEN) for e in (0, 1)}
+    sample = MoeSample("m", "unquantized-fp32", [0, 1], [5, 9], 12, 2, w13, w2,
+                       torch.arange(h), Activation("none"), torch.float32, h)
+    x = torch.randn(3, h, generator=GEN)
+    weights = torch.tensor([[0.7, 0.0], [0.6, 0.0], [0.5, 0.5]])
+    ids = torch.tensor([[5, 3], [9, 5], [5, 9]])
+    got = reference.moe_exact(sample, x, weights, ids)
 
+    def expert(e: int, row: torch.Tensor) -> torch.Tensor:
+        g = row @ w13[e].t()
+        return (torch.nn.functional.silu(g[:inter]) * g[inter:]) @ w2[e].t()
 
-def test_int8_ideal_rounds_activations_per_token() -> None:
-    sample = _sample("int8-channel", torch.ones(128, 128, dtype=torch.int8),
-                     torch.ones(128, 1), None, Activation("token"))
-    x = torch.tensor([[1.0, 0.3] + [0.0] * 126])
-    quantized = reference.quantized_activations(sample, x)
-    assert torch.allclose(quantized[0, :2], torch.tensor([1.0, round(0.3 * 127) / 127]))
-
-
-def test_sample_rows_take_one_row_per_block_and_stay_under_one_percent() -> None:
-    rows = sample_rows(1000)
-    assert len(rows) == 8 and (rows // 128).tolist() == list(range(8))
-    assert rows.max() < 1000
-    assert len(sample_rows(4096)) / 4096 < 0.01
+    want = torch.stack([0.7 * expert(0, x[0]), 0.6 * expert(1, x[1]),
+                        0.5 * expert(0, x[2]) + 0.5 * expert(1, x[2])])
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-5)

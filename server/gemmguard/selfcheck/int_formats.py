@@ -12,7 +12,9 @@ Three layouts exist in vLLM's memory before post-processing:
 - `k_first` (GPTQ, and compressed-tensors MoE experts under Marlin in vLLM 0.26, which loads
   them transposed): codes (K/pack, N) packed along K, scales (G, N), zero points (G, N/pack);
 - `awq`: codes (K, N/pack) packed along N in AWQ's interleaved order, scales (G, N), zero
-  points (G, N/pack) interleaved the same way.
+  points (G, N/pack) interleaved the same way;
+- `unpacked` (compressed-tensors int-quantized, its W4A8 with int8 activations): signed codes
+  one per int8, (N, K), scales (N, G), no zero points.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from gemmguard.selfcheck.schemes import (
 
 # AWQ packs the 8 (or 4) columns of a word in this order; AWQ_ORDER[b][i] is the column at slot i.
 AWQ_ORDER = {4: (0, 2, 4, 6, 1, 3, 5, 7), 8: (0, 2, 1, 3)}
-LAYOUTS = ("n_first", "k_first", "awq")
+LAYOUTS = ("n_first", "k_first", "awq", "unpacked")
 
 
 def _mismatch(what: str) -> Unchecked:
@@ -70,16 +72,18 @@ class PackedInts:
             raise ValueError(f"unknown packed layout {self.layout!r}; use one of {LAYOUTS}")
         if 32 % self.bits:
             raise Unchecked(f"no reference for {self.bits}-bit codes packed across int32 words")
-        if self.packed.dtype != torch.int32 or self.packed.ndim != 2:
-            raise _mismatch(f"{self.bits}-bit codes must be a 2-D int32 tensor, got "
+        storage = torch.int8 if self.layout == "unpacked" else torch.int32
+        if self.packed.dtype != storage or self.packed.ndim != 2:
+            raise _mismatch(f"{self.bits}-bit codes must be a 2-D {storage} tensor, got "
                             f"{self.packed.dtype} {tuple(self.packed.shape)}")
         if not self.scale.dtype.is_floating_point or self.scale.ndim != 2:
             raise _mismatch(f"group scales must be a 2-D float tensor, got "
                             f"{self.scale.dtype} {tuple(self.scale.shape)}")
         pack = 32 // self.bits
-        rows_in_scale = self.scale.shape[0 if self.layout == "n_first" else 1]
+        rows_in_scale = self.scale.shape[0 if self._n_first else 1]
         rows_in_codes = {"n_first": self.packed.shape[0], "k_first": self.packed.shape[1],
-                         "awq": self.packed.shape[1] * pack}[self.layout]
+                         "awq": self.packed.shape[1] * pack,
+                         "unpacked": self.packed.shape[0]}[self.layout]
         if rows_in_scale != rows_in_codes:
             raise _mismatch(f"{rows_in_codes} output rows of codes but {rows_in_scale} rows "
                             f"of scales ({self.layout} layout)")
@@ -94,28 +98,32 @@ class PackedInts:
             raise _mismatch(f"{groups} scale groups do not divide {self.n_cols} input columns")
 
     @property
+    def _n_first(self) -> bool:
+        return self.layout in ("n_first", "unpacked")
+
+    @property
     def pack(self) -> int:
         return 32 // self.bits
 
     @property
     def n_rows(self) -> int:
-        return int(self.scale.shape[0] if self.layout == "n_first" else self.scale.shape[1])
+        return int(self.scale.shape[0] if self._n_first else self.scale.shape[1])
 
     @property
     def n_groups(self) -> int:
-        return int(self.scale.shape[1] if self.layout == "n_first" else self.scale.shape[0])
+        return int(self.scale.shape[1] if self._n_first else self.scale.shape[0])
 
     @property
     def n_cols(self) -> int:
         full = {"n_first": self.packed.shape[1] * self.pack,
                 "k_first": self.packed.shape[0] * self.pack,
-                "awq": self.packed.shape[0]}[self.layout]
+                "awq": self.packed.shape[0], "unpacked": self.packed.shape[1]}[self.layout]
         return int(self.k if self.k is not None and self.k <= full else full)
 
     def row_scales(self) -> torch.Tensor:
         """(N, G) fp32 scales."""
         scale = self.scale.detach().float().cpu()
-        return scale if self.layout == "n_first" else scale.t()
+        return scale if self._n_first else scale.t()
 
     def _slots(self, rows: torch.Tensor) -> torch.Tensor:
         """Slot of each output row inside its packed word (packing along N)."""
@@ -130,7 +138,9 @@ class PackedInts:
     def codes(self, rows: torch.Tensor) -> torch.Tensor:
         """Unsigned codes (len(rows), K) of these output rows."""
         packed = self.packed.detach().cpu()
-        if self.layout == "n_first":
+        if self.layout == "unpacked":
+            codes = packed[rows].to(torch.int32)
+        elif self.layout == "n_first":
             codes = unpack_words(packed[rows], self.bits)
         elif self.layout == "k_first":
             codes = unpack_words(packed[:, rows].t(), self.bits)
@@ -139,7 +149,9 @@ class PackedInts:
         return codes[:, : self.n_cols]
 
     def zeros(self, rows: torch.Tensor) -> torch.Tensor:
-        """(len(rows), G) zero points, or 2^(bits-1) for symmetric codes."""
+        """(len(rows), G) zero points, or 2^(bits-1) for symmetric codes (0 if stored signed)."""
+        if self.layout == "unpacked":
+            return torch.zeros((len(rows), self.n_groups), dtype=torch.int32)
         if self.zero is None:
             return torch.full((len(rows), self.n_groups), 1 << (self.bits - 1), dtype=torch.int32)
         zero = self.zero.detach().cpu()
@@ -190,6 +202,9 @@ def linear_tensors(module: Any, bits: int, zero_points: bool, has_g_idx: bool) -
     """The packed weight of a linear layer, whichever of the three formats it was loaded as."""
     k = getattr(module, "input_size_per_partition", None)
     packed = _tensor(module, "weight_packed")
+    if packed is not None and packed.dtype == torch.int8:  # compressed-tensors int-quantized
+        return PackedInts("unpacked", bits, packed, _required_scale(module, "weight_scale"),
+                          k=k)
     if packed is not None:  # compressed-tensors
         scale = _tensor(module, "weight_scale")
         if scale is None:
@@ -211,6 +226,13 @@ def linear_tensors(module: Any, bits: int, zero_points: bool, has_g_idx: bool) -
         return PackedInts("awq", bits, packed, scale, zero, None, 0, k)
     raise _mismatch(f"qweight {tuple(packed.shape)} fits neither GPTQ nor AWQ packing of "
                     f"{bits}-bit codes with scales {tuple(scale.shape)}")
+
+
+def _required_scale(module: Any, name: str) -> torch.Tensor:
+    scale = _tensor(module, name)
+    if scale is None:
+        raise _mismatch(f"no {name}")
+    return scale
 
 
 def _g_idx(module: Any, name: str, active: bool) -> torch.Tensor | None:
@@ -237,8 +259,8 @@ def _bits_of(scheme: str, kernel: Any) -> int:
 
 # compressed-tensors schemes that keep a bf16 act_type in their kernel config but quantize
 # activations to int inside the kernel: no reference models their activation rounding yet.
-INT_ACTIVATION_SCHEMES = ("CompressedTensorsW4A8Int", "CompressedTensorsWNA8Int",
-                          "CompressedTensorsWNA4Int", "CompressedTensorsWNA8O8Int")
+INT_ACTIVATION_SCHEMES = ("CompressedTensorsWNA8Int", "CompressedTensorsWNA4Int",
+                          "CompressedTensorsWNA8O8Int")
 
 
 class IntLinearFormat:
@@ -251,7 +273,9 @@ class IntLinearFormat:
         self.zero_points = bool(getattr(config, "zero_points", False))
         self.has_g_idx = bool(getattr(config, "has_g_idx", False))
         act_type = getattr(config, "act_type", None)
-        if act_type is None:
+        if "-int8-" in scheme:  # W4A8-int: bf16 declared, int8 per token inside the kernel
+            act_type = torch.int8
+        elif act_type is None:
             act_type = torch.float8_e4m3fn if scheme.split("-")[0].endswith("a8") else None
         # vLLM's W4A8 kernels quantize activations per token, dynamically.
         self._activation = {
@@ -291,6 +315,10 @@ class IntMoeFormat:
         method = getattr(module, "quant_method", None)
         packed = _tensor(module, f"{which}_weight_packed")
         k = _expert_k(module, which)
+        unpacked = _tensor(module, f"{which}_weight")
+        if packed is None and unpacked is not None and unpacked.dtype == torch.int8:
+            scale = _required_scale(module, f"{which}_weight_scale")  # W4A8-int experts
+            return PackedInts("unpacked", self.bits, unpacked[expert], scale[expert], k=k)
         if packed is not None:  # compressed-tensors
             scale = _tensor(module, f"{which}_weight_scale")
             if scale is None or packed.ndim != 3:
@@ -357,6 +385,8 @@ def moe_scheme_of(module: Any) -> str | None:
     method = getattr(module, "quant_method", None)
     packed = _tensor(module, "w13_weight_packed")
     qweight = _tensor(module, "w13_qweight")
+    if "W4A8Int8" in type(method).__name__:  # int4 codes in int8, int8 activations
+        return f"w4a8-int8-{_group_name(getattr(method, 'group_size', None))}"
     if packed is not None and packed.dtype == torch.int32:
         bits = int(getattr(method, "num_bits", 0) or getattr(
             getattr(method, "weight_quant", None), "num_bits", 0) or 4)
@@ -380,6 +410,7 @@ def _group_name(group: Any) -> str:
 def moe_format(scheme: str, module: Any) -> IntMoeFormat:
     """The expert format of a packed-int MoE scheme named by `moe_scheme_of`."""
     bits = int(scheme[1:scheme.index("a")])
-    activation = Activation("token") if scheme.split("-")[0].endswith("a8") \
-        else NO_ACTIVATION_QUANT
+    activation = NO_ACTIVATION_QUANT
+    if scheme.split("-")[0].endswith("a8"):
+        activation = Activation("token", fmt="int8" if "-int8-" in scheme else "fp8")
     return IntMoeFormat(bits, activation)

@@ -33,6 +33,7 @@ from gemmguard import ledger, vllm_adapter
 from gemmguard.errors import SelfcheckFailed
 from gemmguard.inventory import report
 from gemmguard.inventory.selection import SELFCHECK, SLOWER
+from gemmguard.kernels.portable_fp8_block import PORTABLE_KERNEL_NAMES
 from gemmguard.selfcheck import measure, replacement, sample, schemes
 from gemmguard.selfcheck.measure import FAILING, LayerResult
 
@@ -127,6 +128,26 @@ class LayerCheck:
                                     self.check.config.seed)
 
     def run(self) -> None:
+        # vLLM loads under a bf16 default dtype; the check's fp32 references must not inherit it.
+        saved = torch.get_default_dtype()
+        post_process = self.post_process
+
+        def post_process_as_vllm(module: Any) -> None:
+            torch.set_default_dtype(saved)  # vLLM's own post-processing runs as it would
+            try:
+                post_process(module)
+            finally:
+                torch.set_default_dtype(torch.float32)
+
+        self.post_process = post_process_as_vllm
+        torch.set_default_dtype(torch.float32)
+        try:
+            self._run()
+        finally:
+            torch.set_default_dtype(saved)
+            self.post_process = post_process
+
+    def _run(self) -> None:
         try:
             taken, reason = self._capture(), ""
         except schemes.Unchecked as exc:
@@ -146,6 +167,10 @@ class LayerCheck:
                 result = self._measure(taken, kernel)
             except schemes.Unchecked as exc:
                 result = measure.unchecked(self.name, self.layer_type, kernel, scheme, str(exc))
+            except Exception as exc:  # a check that cannot run must not stop the engine
+                logger.exception("gemmguard: the self-check of %s could not run", self.name)
+                result = measure.unchecked(self.name, self.layer_type, kernel, scheme,
+                                           f"check failed: {type(exc).__name__}: {exc}"[:300])
             if result.verdict in FAILING and kept is not None and slot is not None:
                 result = self._replace(taken, result, slot, kept)
         self.check.seconds += time.perf_counter() - start
@@ -167,9 +192,17 @@ class LayerCheck:
             if candidate is None:
                 break
             name = report.kernel_name(candidate)
-            replacement.install(self.module, slot, candidate, kept, self.post_process)
-            result = self._measure(taken, name)
-            seconds = replacement.seconds_per_call(self.module, k, dtype)
+            try:
+                replacement.install(self.module, slot, candidate, kept, self.post_process)
+                result = self._measure(taken, name)
+                seconds = replacement.seconds_per_call(self.module, k, dtype)
+            except Exception as exc:  # e.g. a kernel whose library is not installed
+                error = f"{type(exc).__name__}: {exc}"[:200]
+                tried.append({"kernel": name, "verdict": "error", "error": error})
+                for part in _kernel_classes(name):
+                    reasons.setdefault(part, f"{SELFCHECK}: could not run ({error})")
+                current = candidate
+                continue
             tried.append({"kernel": name, "verdict": result.verdict,
                           "excess_bits": result.excess_bits, "seconds": round(seconds, 6)})
             if result.verdict == "pass":
@@ -187,7 +220,10 @@ class LayerCheck:
             rejected.replacement = info
             rejected.reason = "no candidate kernel of vLLM's passed the self-check"
             return rejected  # the layer's slot holds the last candidate tried; start-up refuses
-        seconds, best = min(passing)
+        # vLLM's own kernels first: gemmguard's portable ones are the last resort (the dequant
+        # kernel is quick at small batches but keeps the weights in bf16, twice the memory).
+        own = [(t, n) for t, n in passing if n.split("[")[0] not in PORTABLE_KERNEL_NAMES]
+        seconds, best = min(own or passing)
         self.check.decisions[key] = best
         # Rebuild the winner with every other candidate turned down, so the inventory records
         # why each was not taken.

@@ -30,7 +30,7 @@ FAILING = ("degraded", "broken")
 def activations(tokens: int, k: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
     """Seeded normal activations with a few large channels, as real hidden states have."""
     gen = torch.Generator().manual_seed(seed * 1_000_003 + tokens * 7919 + k)
-    x = torch.randn(tokens, k, generator=gen)
+    x = torch.randn(tokens, k, generator=gen, dtype=torch.float32)
     channels = torch.randperm(k, generator=gen)[:OUTLIER_CHANNELS]
     x[:, channels] *= OUTLIER_GAIN
     return x.to(dtype)
@@ -182,8 +182,8 @@ def routing(sample: MoeSample, tokens: int, seed: int) -> tuple[torch.Tensor, to
         others = [e for e in range(sample.num_experts) if e != int(ids[token, 0])]
         pick = torch.randperm(len(others), generator=gen)[: sample.top_k - 1]
         ids[token, 1:] = torch.tensor(others)[pick]
-    weights = torch.zeros(tokens, sample.top_k)
-    weights[:, 0] = 0.5 + 0.5 * torch.rand(tokens, generator=gen)
+    weights = torch.zeros(tokens, sample.top_k, dtype=torch.float32)
+    weights[:, 0] = 0.5 + 0.5 * torch.rand(tokens, generator=gen, dtype=torch.float32)
     return weights, ids
 
 

@@ -26,14 +26,14 @@ def _fake_quant_fp8(x: torch.Tensor, activation: Activation) -> torch.Tensor:
     elif activation.kind == "tensor":
         scale = x.abs().amax().clamp(min=1e-12) / numerics.FP8_MAX
     else:  # static
-        scale = torch.tensor(activation.static_scale)
+        scale = torch.tensor(activation.static_scale, dtype=torch.float32)
     q = (x / scale).clamp(-numerics.FP8_MAX, numerics.FP8_MAX).to(numerics.FP8_DTYPE)
     return q.float() * scale
 
 
 def _fake_quant_int8(x: torch.Tensor, activation: Activation) -> torch.Tensor:
     if activation.kind == "static":
-        scale = torch.tensor(activation.static_scale)
+        scale = torch.tensor(activation.static_scale, dtype=torch.float32)
     elif activation.kind == "tensor":
         scale = x.abs().amax().clamp(min=1e-12) / INT8_MAX
     else:
@@ -67,7 +67,7 @@ def ideal(sample: LinearSample, x: torch.Tensor) -> torch.Tensor:
 def _moe(sample: MoeSample, x: torch.Tensor, topk_weights: torch.Tensor,
          topk_ids: torch.Tensor, scheme_rounding: bool) -> torch.Tensor:
     """Σ over each token's sampled experts of weight × down(silu(gate·x) ⊙ up·x), fp32."""
-    out = torch.zeros(x.shape[0], sample.rows.numel())
+    out = torch.zeros(x.shape[0], sample.rows.numel(), dtype=torch.float32)
     xf = x.float()
     weights = topk_weights.float().cpu()
     ids = topk_ids.long().cpu()
@@ -84,10 +84,18 @@ def _moe(sample: MoeSample, x: torch.Tensor, topk_weights: torch.Tensor,
         w13 = sample.w13[expert]
         half = w13.shape[0] // 2
         h = xt @ w13.t()
-        inter = torch.nn.functional.silu(h[:, :half]) * h[:, half:]
+        if scheme_rounding:
+            h = h.to(sample.out_dtype).float()  # kernels keep the gate/up product in it
+        gate = torch.nn.functional.silu(h[:, :half])
+        if scheme_rounding:
+            gate = gate.to(sample.out_dtype).float()  # the activation's own output dtype
+        inter = gate * h[:, half:]
         if scheme_rounding:
             inter = quantize_activations(inter.to(sample.out_dtype).float(), sample.activation)
-        out.index_add_(0, tokens, scale * (inter @ sample.w2[expert].t()))
+        down = inter @ sample.w2[expert].t()
+        if scheme_rounding:
+            down = down.to(sample.out_dtype).float()  # each expert's output before the sum
+        out.index_add_(0, tokens, scale * down)
     return out.to(sample.out_dtype).float() if scheme_rounding else out
 
 

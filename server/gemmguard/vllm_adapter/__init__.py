@@ -242,7 +242,10 @@ def moe_apply(module: Any, x: Any, topk_weights: Any, topk_ids: Any) -> Any:
     parameters = inspect.signature(method.apply).parameters
     if "topk_ids" not in parameters:
         raise Unchecked(f"vLLM {installed_vllm_version()} MoE apply takes no topk_ids")
-    dtype = getattr(method, "topk_indices_dtype", None) or topk_ids.dtype
+    # vLLM's routers give int32 ids unless the kernel asks for another dtype.
+    import torch
+
+    dtype = getattr(method, "topk_indices_dtype", None) or torch.int32
     kwargs = {"layer": module, "x": x, "topk_weights": topk_weights,
               "topk_ids": topk_ids.to(dtype)}
     for name in ("shared_experts", "shared_experts_input"):
