@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from types import SimpleNamespace
 
 import pytest
@@ -10,8 +11,6 @@ import torch
 from gemmguard import numerics
 from gemmguard.kernels import faulty
 from gemmguard.selfcheck import measure
-import json
-
 from gemmguard.selfcheck.sample import LinearSample, sample_rows
 from gemmguard.selfcheck.schemes import Activation
 
