@@ -1,4 +1,4 @@
-"""Liveness evidence: only tokens the engine generated count; the canary runs when there are none."""
+"""Liveness evidence: only tokens the engine generated count; a canary runs when there are none."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""End-to-end: liveness from the engine's tokens (and a canary when idle), on a served demo model."""
+"""End-to-end: liveness from the engine's tokens (a canary when idle), on a served demo model."""
 
 from __future__ import annotations
 
