@@ -26,8 +26,8 @@ def _files(folder: Path) -> dict[str, bytes]:
 
 @pytest.mark.parametrize(("arch", "scheme"), [
     ("qwen3", "bf16"), ("qwen3", "fp8-block"), ("qwen3", "w4a16-g128"), ("qwen3", "nvfp4"),
-    ("qwen3", "w4a8-g128"), ("qwen3-moe", "bf16"), ("qwen3-moe", "fp8-block"),
-    ("qwen3-moe", "w4a16-g128"),
+    ("qwen3", "w4a8-g128"), ("qwen3", "w4a8-int8-g128"), ("qwen3-moe", "bf16"),
+    ("qwen3-moe", "fp8-block"), ("qwen3-moe", "w4a16-g128"),
 ])
 def test_same_seed_gives_byte_identical_files(tmp_path: Path, arch: str, scheme: str) -> None:
     first = _files(write_demo_model(tmp_path / "a", scheme, seed=7, arch=arch))
@@ -242,6 +242,21 @@ def test_w4a8_is_int4_groups_with_dynamic_fp8_token_activations(tmp_path: Path) 
     acts = group["input_activations"]
     assert (acts["type"], acts["num_bits"], acts["strategy"], acts["dynamic"]) == \
         ("float", 8, "token", True)
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "qwen3-moe"])
+def test_w4a8_int8_stores_int4_codes_one_per_int8(tmp_path: Path, arch: str) -> None:
+    out = write_demo_model(tmp_path / "m", "w4a8-int8-g128", arch=arch)
+    config = json.loads((out / "config.json").read_text())
+    assert config["quantization_config"]["format"] == "int-quantized"
+    acts = config["quantization_config"]["config_groups"]["group_0"]["input_activations"]
+    assert (acts["type"], acts["num_bits"], acts["strategy"]) == ("int", 8, "token")
+    name = "model.layers.0.mlp.experts.1.up_proj" if arch == "qwen3-moe" \
+        else "model.layers.0.mlp.up_proj"
+    tensors = _tensors(out)
+    codes = tensors[f"{name}.weight"]
+    assert codes.dtype == torch.int8 and -8 <= int(codes.min()) and int(codes.max()) <= 7
+    assert tensors[f"{name}.weight_scale"].shape == (codes.shape[0], codes.shape[1] // 128)
 
 
 def test_unknown_architecture_is_a_usage_error(tmp_path: Path) -> None:

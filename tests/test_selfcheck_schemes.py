@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 import torch
 from compressed_tensors.compressors import (
+    IntQuantizationCompressor,
     MXFP4PackedCompressor,
     MXFP8QuantizationCompressor,
     NVFP4PackedCompressor,
@@ -218,13 +219,30 @@ def test_w4a8_fp8_is_int4_groups_with_fp8_per_token_activations() -> None:
     assert fmt.activation(layer, kernel) == Activation("token", fmt="fp8")
 
 
+def test_w4a8_int_is_int4_codes_in_int8_with_int8_per_token_activations() -> None:
+    # compressed-tensors' W4A8 preset, saved int-quantized: vLLM's CPU kernel for it declares
+    # bf16 activations and quantizes them to int8 per token inside.
+    tensors, scheme = _ct(_weight(), "W4A8", IntQuantizationCompressor, torch.bfloat16)
+    config = _mp_config()
+    config.weight_type = scalar_types.int4
+    kernel = SimpleNamespace(config=config)
+    name = scheme_of(kernel, None)
+    assert name == "w4a8-int8-g128"
+    # vLLM registers the int8 codes as both `weight` and `weight_packed`.
+    layer = Layer(weight_packed=tensors["weight"], weight_scale=tensors["weight_scale"])
+    fmt = schemes.linear_format(name, kernel)
+    assert torch.equal(fmt.rows(layer, ALL), _ct_values(IntQuantizationCompressor, tensors,
+                                                        scheme))
+    assert fmt.activation(layer, kernel) == Activation("token", fmt="int8")
+
+
 def test_int_activation_schemes_that_declare_bf16_are_unchecked() -> None:
-    tensors, _ = _ct(_weight(), "W4A8", PackedQuantizationCompressor, torch.bfloat16)
-    layer = Layer(scheme=type("CompressedTensorsW4A8Int", (), {})(), **tensors)
+    tensors, _ = _ct(_weight(), "W4A16", PackedQuantizationCompressor, torch.bfloat16)
+    layer = Layer(scheme=type("CompressedTensorsWNA8Int", (), {})(), **tensors)
     kernel = SimpleNamespace(config=_mp_config())
     fmt = schemes.linear_format(scheme_of(kernel, None), kernel)
     with pytest.raises(Unchecked, match="no reference for scheme w4a16-g128 under "
-                                        "CompressedTensorsW4A8Int"):
+                                        "CompressedTensorsWNA8Int"):
         fmt.rows(layer, ALL)
 
 
@@ -318,7 +336,7 @@ def test_weights_of_another_dtype_or_shape_are_unchecked_with_the_reason() -> No
     bf16_layer = Layer(weight_packed=torch.zeros(N, K // 8, dtype=torch.bfloat16),
                        weight_scale=torch.ones(N, 4))
     with pytest.raises(Unchecked, match="weights do not match the declared scheme: 4-bit codes "
-                                        "must be a 2-D int32 tensor, got torch.bfloat16"):
+                                        "must be a 2-D torch.int32 tensor, got torch.bfloat16"):
         w4a16.rows(bf16_layer, ALL)
     short = Layer(weight_packed=torch.zeros(N, K // 8, dtype=torch.int32),
                   weight_scale=torch.ones(N // 2, 4))
@@ -467,6 +485,17 @@ def test_gptq_experts_with_leading_expert_dim() -> None:
     assert schemes.moe_scheme(layer) == "w4a16-g128"
     expected = ((codes[1] - 8).float() * scale[1].float().repeat_interleave(128, 0)).t()
     assert torch.equal(schemes.moe_format("w4a16-g128", layer).w13(layer, 1), expected)
+
+
+def test_w4a8_int_experts_are_int8_codes_with_int8_activations() -> None:
+    parts, scheme = _experts("W4A8", IntQuantizationCompressor, 2 * INTER, H, 80)
+    method = type("CompressedTensorsW4A8Int8MoEMethod", (), {"group_size": 128})()
+    layer = Layer(quant_method=method, **_stack(parts, "w13"))
+    assert schemes.moe_scheme(layer) == "w4a8-int8-g128"
+    fmt = schemes.moe_format("w4a8-int8-g128", layer)
+    assert torch.equal(fmt.w13(layer, 3), _ct_values(IntQuantizationCompressor, parts[3], scheme))
+    assert fmt.activation(layer) == Activation("token", fmt="int8")
+    assert int(fmt.expert_magnitude(layer).argmax()) == 2
 
 
 def test_nvfp4_experts_keep_gate_and_up_global_scales_and_per_expert_inputs() -> None:

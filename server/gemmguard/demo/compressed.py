@@ -2,7 +2,9 @@
 
 Weights are quantized and packed by its compressors (the code llm-compressor saves with) and
 the `quantization_config` is its own `QuantizationConfig`, so vLLM's compressed-tensors
-loader reads exactly what it reads from a real W4A16, W4A8 or NVFP4 checkpoint.
+loader reads exactly what it reads from a real W4A16, W4A8 or NVFP4 checkpoint. W4A8 comes
+in both of vLLM's kinds: fp8 activations (int4 packed in int32, CUTLASS on Hopper) and int8
+activations (int4 codes stored one per int8, "int-quantized"; vLLM's CPU kernels).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import torch
 PRESETS = {
     "w4a16-g128": ("W4A16", "pack-quantized"),
     "w4a8-g128": ("W4AFP8", "pack-quantized"),
+    "w4a8-int8-g128": ("W4A8", "int-quantized"),
     "nvfp4": ("NVFP4", "nvfp4-pack-quantized"),
 }
 # Scales are stored in the model's dtype, as llm-compressor saves them (NVFP4 keeps fp8).
@@ -40,7 +43,11 @@ def compress(weight: torch.Tensor, scheme: str,
     `fused_with`: the weights vLLM fuses with this one (q/k/v, gate/up). NVFP4 gives them
     one global scale, as llm-compressor does, since vLLM's kernels keep one per fused layer.
     """
-    from compressed_tensors.compressors import NVFP4PackedCompressor, PackedQuantizationCompressor
+    from compressed_tensors.compressors import (
+        IntQuantizationCompressor,
+        NVFP4PackedCompressor,
+        PackedQuantizationCompressor,
+    )
     from compressed_tensors.quantization.utils import calculate_qparams, generate_gparam
 
     quant_scheme = _scheme(scheme)
@@ -58,7 +65,9 @@ def compress(weight: torch.Tensor, scheme: str,
     state = {"weight": weight.float(), "weight_scale": scale, "weight_zero_point": zero}
     if global_scale is not None:
         state["weight_global_scale"] = global_scale
-    compressor = NVFP4PackedCompressor if scheme == "nvfp4" else PackedQuantizationCompressor
+    compressor = {"pack-quantized": PackedQuantizationCompressor,
+                  "nvfp4-pack-quantized": NVFP4PackedCompressor,
+                  "int-quantized": IntQuantizationCompressor}[PRESETS[scheme][1]]
     out = dict(compressor.compress(state, quant_scheme))
     if quant_scheme.input_activations is not None and args.strategy == "tensor_group":
         out["input_global_scale"] = torch.tensor(

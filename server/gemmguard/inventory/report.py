@@ -88,8 +88,13 @@ def scheme_of(kernel: Any, weight: torch.Tensor | None) -> str:
     if weight_type is not None:  # mixed precision (WNA16, W4A8)
         bits = getattr(weight_type, "size_bits", None)
         act = getattr(config, "act_type", None)
-        act_bits = "8" if act in (torch.int8, torch.float8_e4m3fn) else "16"
-        return f"w{bits}a{act_bits}-{_group_name(getattr(config, 'group_size', None))}"
+        group = _group_name(getattr(config, "group_size", None))
+        if act in (torch.int8, torch.float8_e4m3fn):
+            return f"w{bits}a8-{group}"
+        if getattr(weight_type, "is_signed", lambda: False)():
+            # Signed int4 under bf16 activations: W4A8-int, int8 per token inside the kernel.
+            return f"w{bits}a8-int8-{group}"
+        return f"w{bits}a16-{group}"
     config_name = type(config).__name__ if config is not None else ""
     for marker, scheme in _CONFIG_SCHEMES:
         if marker in config_name:
