@@ -192,6 +192,32 @@ def test_gptq_act_order_and_asymmetric_v1_zero_points() -> None:
     assert torch.equal(fmt.rows(layer, ALL), expected)
 
 
+def test_methods_without_a_kernel_object_are_named_from_the_layer() -> None:
+    # vLLM 0.26's GPTQ (exllama) method calls its op directly: no kernel, asymmetric v1 zeros.
+    codes = torch.randint(0, 16, (K, N), generator=_gen(7), dtype=torch.int32)
+    zeros = torch.randint(1, 16, (K // 128, N), generator=_gen(8), dtype=torch.int32)
+    scale = torch.rand(K // 128, N, generator=_gen(9)).half() + 0.01
+    config = SimpleNamespace(weight_bits=4, group_size=128, desc_act=False, is_sym=False)
+    method = type("GPTQLinearMethod", (), {"quant_config": config})()
+    layer = Layer(quant_method=method, qweight=quant_utils.gptq_pack(codes, 4, K, N),
+                  scales=scale, qzeros=quant_utils.pack_cols(zeros - 1, 4, K // 128, N))
+    name = scheme_of(None, None, layer)
+    assert name == "w4a16-g128"
+    expected = ((codes - zeros.repeat_interleave(128, 0)).float()
+                * scale.float().repeat_interleave(128, 0)).t()
+    assert torch.equal(schemes.linear_format(name, None).rows(layer, ALL), expected)
+    # vLLM 0.26's NVFP4 scheme keeps a backend string; Marlin runs bf16 activations.
+    tensors, _ = _ct(_weight(), "NVFP4", NVFP4PackedCompressor)
+    holder = type("CompressedTensorsW4A4Fp4", (), {"backend": "marlin"})()
+    nvfp4 = Layer(scheme=holder, quant_method=SimpleNamespace(),
+                  input_global_scale=torch.tensor([50.0]), **tensors)
+    assert scheme_of(None, None, nvfp4) == "nvfp4"
+    fmt = schemes.linear_format("nvfp4", None)
+    assert fmt.activation(nvfp4, None) == schemes.NO_ACTIVATION_QUANT
+    holder.backend = "flashinfer-cutlass"
+    assert fmt.activation(nvfp4, None) == Activation("group", 16, 50.0, "nvfp4")
+
+
 def test_awq_rows_match_vllms_quantizer_and_interleaved_packer() -> None:
     weight_kn = _weight().t().contiguous()
     ref, codes, scale, zeros = quant_utils.quantize_weights(weight_kn, scalar_types.uint4, 128,

@@ -69,11 +69,42 @@ def _group_name(group_size: Any) -> str:
     return "channel" if group_size in (None, -1, 0) else f"g{int(group_size)}"
 
 
-def scheme_of(kernel: Any, weight: torch.Tensor | None) -> str:
+# Quant methods and schemes that keep no kernel object (vLLM ≤ 0.26's NVFP4/MX schemes pick
+# a backend string; its GPTQ/AWQ non-Marlin methods call their ops directly).
+_HOLDER_SCHEMES = (("W4A4Fp4", "nvfp4"), ("W4A16Fp4", "nvfp4"), ("NvFp4", "nvfp4"),
+                   ("Nvfp4", "nvfp4"), ("Mxfp4", "mxfp4"), ("MxFp4", "mxfp4"),
+                   ("Mxfp8", "mxfp8"), ("MxFp8", "mxfp8"))
+
+
+def _scheme_of_layer(module: Any) -> str | None:
+    """The scheme of a layer whose method holds no kernel: by its class, then its params."""
+    holder = getattr(module, "scheme", None) or getattr(module, "quant_method", None)
+    name = type(holder).__name__
+    for marker, scheme in _HOLDER_SCHEMES:
+        if marker in name:
+            return scheme
+    if "GPTQ" in name or "AWQ" in name:
+        config = getattr(holder, "quant_config", None)
+        bits = getattr(config, "weight_bits", None)
+        if bits:
+            return f"w{int(bits)}a16-{_group_name(getattr(config, 'group_size', None))}"
+    values = getattr(module, "weight_packed", None)
+    values = values if isinstance(values, torch.Tensor) else getattr(module, "weight", None)
+    scale = getattr(module, "weight_scale", None)
+    if isinstance(values, torch.Tensor) and isinstance(scale, torch.Tensor):
+        if scale.dtype == torch.uint8 and values.dtype in (torch.uint8, torch.float8_e4m3fn):
+            return "mxfp8" if values.dtype == torch.float8_e4m3fn else "mxfp4"
+        if scale.dtype == torch.float8_e4m3fn and values.dtype == torch.uint8:
+            return "nvfp4"
+    return None
+
+
+def scheme_of(kernel: Any, weight: torch.Tensor | None, module: Any = None) -> str:
     """Quantization scheme from the kernel config's keys, else from the weight's dtype.
 
     fp8/int8 scaled-mm: fp8-block, fp8-channel, …; mixed precision: w4a16-g128,
     w8a16-channel, w4a8-g128 (weight bits, activation bits, scale groups); mxfp4, mxfp8, nvfp4.
+    `module`, when given, names the schemes of methods that keep no kernel object.
     """
     config = getattr(kernel, "config", None)
     wkey = getattr(config, "weight_quant_key", None)
@@ -99,6 +130,9 @@ def scheme_of(kernel: Any, weight: torch.Tensor | None) -> str:
     for marker, scheme in _CONFIG_SCHEMES:
         if marker in config_name:
             return scheme
+    layer_scheme = _scheme_of_layer(module) if kernel is None and module is not None else None
+    if layer_scheme is not None:
+        return layer_scheme
     if weight is not None:
         if weight.dtype in _DTYPE_NAMES:
             return f"unquantized-{_DTYPE_NAMES[weight.dtype]}"

@@ -2,11 +2,11 @@
 
 These are the W4A16/WNA16 checkpoints (int4 or int8 codes with one scale per group of input
 columns, optionally a zero point and an activation-order `g_idx`) and compressed-tensors'
-W4A8-FP8 (int4 codes, bf16 group scales, fp8 per-token activations). Every code is stored
+W4A8-FP8 (int4 codes, bf16 group scales, fp8 per-token activations). Packed codes are stored
 unsigned: compressed-tensors and GPTQ add 2^(bits-1) to symmetric codes, asymmetric ones
 carry a zero point (GPTQ's original format stores it minus one).
 
-Three layouts exist in vLLM's memory before post-processing:
+Four layouts exist in vLLM's memory before post-processing:
 - `n_first` (compressed-tensors): codes (N, K/pack) packed along K, scales (N, G),
   zero points (N/pack, G) packed along N;
 - `k_first` (GPTQ, and compressed-tensors MoE experts under Marlin in vLLM 0.26, which loads
@@ -270,7 +270,9 @@ class IntLinearFormat:
         config = getattr(kernel, "config", None)
         self.scheme = scheme
         self.bits = _bits_of(scheme, kernel)
-        self.zero_points = bool(getattr(config, "zero_points", False))
+        # None: no kernel config (vLLM ≤ 0.26's GPTQ/AWQ methods); read from the quant config.
+        self.zero_points: bool | None = None if config is None else \
+            bool(getattr(config, "zero_points", False))
         self.has_g_idx = bool(getattr(config, "has_g_idx", False))
         act_type = getattr(config, "act_type", None)
         if "-int8-" in scheme:  # W4A8-int: bf16 declared, int8 per token inside the kernel
@@ -288,7 +290,13 @@ class IntLinearFormat:
         if holder in INT_ACTIVATION_SCHEMES:
             raise Unchecked(f"no reference for scheme {self.scheme} under {holder} "
                             "(activations quantized to int inside the kernel)")
-        return linear_tensors(module, self.bits, self.zero_points, self.has_g_idx)
+        zero_points, has_g_idx = self.zero_points, self.has_g_idx
+        if zero_points is None:
+            config = _quant_config(module)
+            zero_points = not getattr(config, "is_sym", getattr(config, "sym", True)) or \
+                bool(getattr(config, "zero_point", False))
+            has_g_idx = bool(getattr(config, "desc_act", False))
+        return linear_tensors(module, self.bits, zero_points, has_g_idx)
 
     def n_rows(self, module: Any) -> int:
         return self.tensors(module).n_rows

@@ -171,7 +171,10 @@ class MicroscaledLinearFormat:
         return linear_tensors(self.fmt, module).extreme_rows()
 
     def activation(self, module: Any, kernel: Any) -> Activation:
-        name = type(kernel).__name__
+        # vLLM ≤ 0.26's schemes keep a backend string ("marlin", "cutlass", …), not a kernel.
+        holder = getattr(module, "scheme", None) or getattr(module, "quant_method", None)
+        name = type(kernel).__name__ if kernel is not None else \
+            str(getattr(holder, "backend", "")).title()
         if "Marlin" in name or "W4A16" in name:  # weight-only kernels: bf16 activations
             return NO_ACTIVATION_QUANT
         if self.fmt == "nvfp4":
