@@ -95,40 +95,42 @@ def rounds_of(runs: list[Run], load: str) -> dict[int, dict[str, Run]]:
     return dict(sorted(by_round.items()))
 
 
+def _usable(arms: dict[str, Run], arm: str) -> bool:
+    return all(a in arms and arms[a].complete for a in (arm, "plain"))
+
+
 def round_ratios(runs: list[Run], load: str, arm: str, field: str) -> list[float]:
-    """ARM/plain of `field` in every round of `load` that ran both, in round order."""
+    """ARM/plain of `field` in every round of `load` where both answered every request."""
     return [float(arms[arm].result[field]) / float(arms["plain"].result[field])
-            for arms in rounds_of(runs, load).values() if arm in arms and "plain" in arms]
+            for arms in rounds_of(runs, load).values() if _usable(arms, arm)]
 
 
 def unpaired(runs: list[Run]) -> list[str]:
-    """Rounds where an arm ran without `plain` (or alone): a run failed or was cut short."""
+    """Rounds left out of a ratio: an arm ran without a complete `plain` run, or alone."""
     notes = []
     for load in dict.fromkeys(run.load for run in runs):
         for number, arms in rounds_of(runs, load).items():
-            if "plain" not in arms or len(arms) < 2:
-                notes.append(f"{load} round {number} has only {', '.join(sorted(arms))}")
+            if len(arms) < 2 or not all(_usable(arms, a) for a in arms if a != "plain"):
+                ran = ", ".join(f"{a}{'' if r.complete else ' (incomplete)'}"
+                                for a, r in sorted(arms.items()))
+                notes.append(f"{load} round {number} has {ran}")
     return notes
 
 
 @dataclass(frozen=True)
 class Row:
+    """One load and metric: the A/B and A/A spreads (None: no usable round)."""
+
     load: str
     metric: str
-    ab: Spread
+    ab: Spread | None
     aa: Spread | None
 
 
 def rows(runs: list[Run]) -> list[Row]:
-    out = []
-    for load in dict.fromkeys(run.load for run in runs):
-        for field, name, _ in METRICS:
-            ab = Spread.of(round_ratios(runs, load, "gemmguard", field))
-            if ab is None:
-                raise ResultsError(f"Load '{load}' has no round with both gemmguard and plain: "
-                                   "nothing to compare. Check the runs' logs for failures.")
-            out.append(Row(load, name, ab, Spread.of(round_ratios(runs, load, "plain-b", field))))
-    return out
+    return [Row(load, name, Spread.of(round_ratios(runs, load, "gemmguard", field)),
+                Spread.of(round_ratios(runs, load, "plain-b", field)))
+            for load in dict.fromkeys(run.load for run in runs) for field, name, _ in METRICS]
 
 
 def startup_lines(records: list[dict[str, Any]]) -> list[str]:
@@ -171,14 +173,15 @@ def markdown(folder: Path) -> str:
         "|---|---|---|---|---|",
     ]
     for row in rows(runs):
-        aa = row.aa.text() if row.aa else "not run"
-        lines.append(f"| {row.load} | {row.metric} | {row.ab.text()} | {aa} | "
-                     f"{row.ab.n}, {row.aa.n if row.aa else 0} |")
-    lines += ["", "| load | arm | runs | output tok/s | median TPOT | median TTFT "
+        ab = row.ab.text() if row.ab else "no usable round"
+        aa = row.aa.text() if row.aa else "no usable round"
+        lines.append(f"| {row.load} | {row.metric} | {ab} | {aa} | "
+                     f"{row.ab.n if row.ab else 0}, {row.aa.n if row.aa else 0} |")
+    lines += ["", "| load | arm | complete runs | output tok/s | median TPOT | median TTFT "
               "| prompts × in/out | concurrency |", "|---|---|---|---|---|---|---|---|"]
     for load in dict.fromkeys(r.load for r in runs):
         for arm in ARMS:
-            mine = [r.result for r in runs if r.load == load and r.arm == arm]
+            mine = [r.result for r in runs if r.load == load and r.arm == arm and r.complete]
             if not mine:
                 continue
             med = {f: statistics.median(float(m[f]) for m in mine) for f, _, _ in METRICS}
@@ -213,7 +216,8 @@ def main(argv: list[str] | None = None) -> int:
     except ResultsError as exc:
         print(f"benchmarks.comparison: {exc}", file=sys.stderr)
         return 1
-    return 0
+    # Exit 1 when some load has no A/B ratio: a run failed (the summary says which).
+    return 0 if all(row.ab for row in rows(load_runs(args.results))) else 1
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TextIO
 
 from benchmarks import vllm_cli
 
@@ -66,6 +67,22 @@ def bench_argv(url: str, served_name: str, tokenizer: str, load: Load, arm: str,
     ]
 
 
+_PRINTOUTS: dict[Path, TextIO] = {}
+
+
+def _printout(results: Path) -> TextIO:
+    """RESULTS/vllm-bench.log, open for the rest of the process.
+
+    vLLM's log handler keeps the sys.stdout it found when it configured logging, which can
+    happen during a run, while stdout is redirected here: a file closed after that run would
+    make every later log line an error.
+    """
+    path = results / "vllm-bench.log"
+    if path not in _PRINTOUTS:
+        _PRINTOUTS[path] = path.open("a")
+    return _PRINTOUTS[path]
+
+
 def run_rounds(arms: dict[str, str], loads: Sequence[Load], rounds: Sequence[int],
                served_name: str, tokenizer: str, results: Path, extra: Sequence[str] = (),
                before: Callable[[str], None] | None = None,
@@ -73,6 +90,7 @@ def run_rounds(arms: dict[str, str], loads: Sequence[Load], rounds: Sequence[int
                deadline: float | None = None, log: Callable[[str], None] = print) -> int:
     """Every load × round × arm; returns the runs done. Stops early (logged) at `deadline`."""
     results.mkdir(parents=True, exist_ok=True)
+    sink = _printout(results)
     names = list(arms)
     done = 0
     longest = 0.0
@@ -88,9 +106,10 @@ def run_rounds(arms: dict[str, str], loads: Sequence[Load], rounds: Sequence[int
                 log(f"[rounds] {load.name} round {round_}: {arm}")
                 argv = bench_argv(arms[arm], served_name, tokenizer, load, arm, round_, results,
                                   extra)
-                out = results / f"{load.name}-r{round_}-{arm}.log"
-                with out.open("w") as sink, contextlib.redirect_stdout(sink):
+                print(f"=== {load.name} round {round_}: {arm}", file=sink, flush=True)
+                with contextlib.redirect_stdout(sink):
                     vllm_cli.main(argv)
+                sink.flush()
                 longest = max(longest, time.time() - started)
                 done += 1
                 if after is not None:

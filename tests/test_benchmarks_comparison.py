@@ -62,7 +62,8 @@ def test_ratios_are_arm_over_plain_of_vllms_own_numbers(results: Path) -> None:
             expected = _raw(results, arm)[field] / _raw(results, "plain")[field]
             assert comparison.round_ratios(runs, LOAD, arm, field) == [expected]
     row = comparison.rows(runs)[0]
-    assert row.metric == "output tok/s" and row.aa is not None and row.ab.n == 1
+    assert row.metric == "output tok/s" and row.ab is not None and row.aa is not None
+    assert row.ab.n == row.aa.n == 1
     text = comparison.markdown(results)
     assert f"| {LOAD} | output tok/s | {row.ab.text()} | {row.aa.text()} | 1, 1 |" in text
     assert "Every request of every run was answered." in text
@@ -72,9 +73,26 @@ def test_a_round_without_plain_is_left_out_and_said(results: Path, tmp_path: Pat
     for arm in ("gemmguard", "plain-b"):
         shutil.copy(results / f"{LOAD}-r1-{arm}.json", tmp_path)
     runs = comparison.load_runs(tmp_path)
-    assert comparison.unpaired(runs) == [f"{LOAD} round 1 has only gemmguard, plain-b"]
-    with pytest.raises(comparison.ResultsError, match="no round with both gemmguard and plain"):
-        comparison.rows(runs)
+    assert comparison.unpaired(runs) == [f"{LOAD} round 1 has gemmguard, plain-b"]
+    assert {(row.ab, row.aa) for row in comparison.rows(runs)} == {(None, None)}
+    assert f"| {LOAD} | output tok/s | no usable round | no usable round | 0, 0 |" in (
+        comparison.markdown(tmp_path))
+    assert comparison.main([str(tmp_path)]) == 1
+
+
+def test_a_round_whose_plain_run_failed_requests_is_left_out(
+    results: Path, tmp_path: Path
+) -> None:
+    for arm in ARMS:
+        shutil.copy(results / f"{LOAD}-r1-{arm}.json", tmp_path)
+    plain = tmp_path / f"{LOAD}-r1-plain.json"
+    raw = json.loads(plain.read_text())
+    raw["completed"], raw["failed"] = raw["completed"] - 1, 1  # as vLLM counts a failed request
+    plain.write_text(json.dumps(raw))
+    runs = comparison.load_runs(tmp_path)
+    assert comparison.round_ratios(runs, LOAD, "plain-b", "output_throughput") == []
+    assert comparison.unpaired(runs) == [
+        f"{LOAD} round 1 has gemmguard, plain (incomplete), plain-b"]
 
 
 def test_untagged_results_are_skipped_and_none_at_all_is_an_error(
