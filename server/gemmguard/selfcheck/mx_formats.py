@@ -260,8 +260,9 @@ class MicroscaledMoeFormat:
     def _weight_only(self, module: Any) -> bool:
         backend = _backend_name(module)
         method = getattr(module, "quant_method", None)
-        return "MARLIN" in backend or backend.endswith("_BF16") or bool(
-            getattr(method, "use_a16", False))
+        # vLLM ≤ 0.26 flags Marlin on the method (`use_marlin`) instead of naming a backend.
+        return "MARLIN" in backend or backend.endswith("_BF16") or any(
+            bool(getattr(method, flag, False)) for flag in ("use_a16", "use_marlin"))
 
     def activation(self, module: Any) -> Activation:
         """The activation quantization every expert shares (see `expert_activation`)."""
