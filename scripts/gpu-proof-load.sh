@@ -18,7 +18,7 @@ meta=$site/gemmguard-0.1.0.dist-info
 if ! grep -q stat_logger_plugins "$meta/entry_points.txt" 2>/dev/null; then
   mkdir -p "$meta"
   printf 'Metadata-Version: 2.1\nName: gemmguard\nVersion: 0.1.0\n' > "$meta/METADATA"
-  printf '[vllm.general_plugins]\ngemmguard = gemmguard.plugin:register\n\n[vllm.endpoint_plugins]\ngemmguard_api = gemmguard.endpoints:GemmguardEndpoints\n\n[vllm.stat_logger_plugins]\ngemmguard_api = gemmguard.stat_logger:GemmguardStatLogger\n' > "$meta/entry_points.txt"
+  printf '[vllm.general_plugins]\ngemmguard = gemmguard.plugin:register\n\n[vllm.endpoint_plugins]\ngemmguard_api = gemmguard.endpoints:GemmguardEndpoints\n\n[vllm.stat_logger_plugins]\ngemmguard_api = gemmguard.stat_logger:TokenStatLogger\n' > "$meta/entry_points.txt"
 fi
 step() { echo "== $(date +%T) $*" | tee -a "$out/steps.log"; }
 py=python3
