@@ -128,7 +128,7 @@ step versions
 
 step "checkpoint (Llama-3-8B shapes, FP8 128x128 blocks, random) on GPU 0"
 # GG_BENCH_CHECKPOINT_ARGS (e.g. "--layers 4") makes a smaller model for a quick look.
-CUDA_VISIBLE_DEVICES=0 $py -m benchmarks.llama_fp8 --out "$model" ${GG_BENCH_CHECKPOINT_ARGS:-} \
+CUDA_VISIBLE_DEVICES=0 $py scripts/gpu_checkpoints.py llama8b "$model" ${GG_BENCH_CHECKPOINT_ARGS:-} \
   2>&1 | tee -a "$logs/steps.log"
 
 step "start 1: plain on GPU 0, gemmguard on GPU 1 (compiles)"
