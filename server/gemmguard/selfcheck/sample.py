@@ -14,7 +14,7 @@ rows of its down projection.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -58,7 +58,6 @@ class MoeSample:
     activation: Activation
     out_dtype: torch.dtype
     hidden: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def nbytes(self) -> int:
         return sum(t.numel() * 4 for t in (*self.w13.values(), *self.w2.values()))
