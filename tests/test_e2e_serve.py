@@ -129,9 +129,11 @@ def test_prompt_longer_than_context_is_400_then_still_serves(client: openai.Open
 
 
 def test_selfcheck_passes_and_gates_readiness(server: Server) -> None:
-    assert server.get("/gemmguard/ready").json() == {"ready": True, "selfcheck_passed": True}
+    assert server.get("/gemmguard/ready").json() == {
+        "ready": True, "selfcheck_passed": True, "selfcheck_complete": True}
     report = server.get("/gemmguard/v1/selfcheck").json()
-    assert report["passed"] is True and report["counts"]["broken"] == 0
+    assert report["passed"] is True and report["complete"] is True
+    assert report["counts"]["broken"] == 0 and report["counts"]["unchecked"] == 0
     assert report["counts"]["pass"] == len(report["ranks"][0]["layers"]) > 0
     assert 0 < report["sample_fraction"] < 0.01
     families = {f.name: f for f in text_string_to_metric_families(server.get("/metrics").text)}
