@@ -116,7 +116,8 @@ class Metrics:
         )
         self.engine_live = gauge(
             "gemmguard_engine_live",
-            "1 while the last canary or real request finished within its deadline, else 0.",
+            "1 while the engine generates tokens (for requests or the idle canary); 0 from a "
+            "failed or late canary until the engine generates tokens again.",
         )
         self.canary_latency = Histogram(
             "gemmguard_canary_latency_seconds",
