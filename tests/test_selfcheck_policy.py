@@ -52,3 +52,15 @@ def test_report_names_layers_kernels_bits_and_the_option_that_avoids_them() -> N
     body = outcome.as_dict()
     assert body["sample_fraction"] == 10 / 2000
     assert body["offending_kernels"] == ["K", "A", "B"]
+
+
+def test_report_names_the_failing_experts_of_an_moe_layer() -> None:
+    rank = _rank("pass", "broken")
+    rank["layers"][1].update(layer_type="moe", experts=[
+        {"expert": 0, "verdict": "broken", "bits": 0.1, "expected_bits": 7.0,
+         "excess_bits": 6.9},
+        {"expert": 6, "verdict": "pass", "bits": 7.0, "expected_bits": 7.0, "excess_bits": 0.0}])
+    text = summary(Outcome("fail", [rank]))
+    assert ("l1: K[A|B] gives 4.5 bits where the fp8-block scheme allows 5.5 (excess 1.0 "
+            "bits); experts 0 broken") in text
+    assert "6 pass" not in text

@@ -81,3 +81,33 @@ def test_moe_reference_is_the_routed_sum_of_silu_gated_experts() -> None:
     want = torch.stack([0.7 * expert(0, x[0]), 0.6 * expert(1, x[1]),
                         0.5 * expert(0, x[2]) + 0.5 * expert(1, x[2])])
     assert torch.allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_truncating_conversion_drops_the_low_bits_and_nearest_rounds() -> None:
+    v = torch.tensor([1.0 + 2**-8 + 2**-12, -(1.0 + 2**-8 + 2**-12), 3.0])
+    assert reference.convert(v, torch.bfloat16, "truncate").tolist() == [1.0, -1.0, 3.0]
+    assert reference.convert(v, torch.bfloat16, "nearest").tolist() == [1.0 + 2**-7,
+                                                                         -(1.0 + 2**-7), 3.0]
+    assert torch.equal(reference.convert(v, torch.float32, "truncate"), v)
+
+
+def test_moe_ideal_rounds_only_where_the_kernel_family_stores_values() -> None:
+    h, inter = 32, 16
+    w13 = {0: torch.randn(2 * inter, h, generator=GEN)}
+    w2 = {0: torch.randn(h, inter, generator=GEN)}
+    sample = MoeSample("m", "unquantized-bf16", [0], [0], 4, 2, w13, w2, torch.arange(h),
+                       Activation("none"), torch.bfloat16, h)
+    x = torch.randn(3, h, generator=GEN).bfloat16()
+    weights = torch.tensor([[0.75, 0.0]] * 3)
+    ids = torch.tensor([[0, 1]] * 3)
+
+    def trunc(v: torch.Tensor) -> torch.Tensor:
+        return reference.convert(v, torch.bfloat16, "truncate")
+
+    g = x.float() @ w13[0].t()
+    want = trunc(0.75 * (trunc(torch.nn.functional.silu(g[:, :inter]) * g[:, inter:])
+                         @ w2[0].t()))
+    got = reference.moe_ideal(sample, x, weights, ids, reference.cpu_grouped("truncate"))
+    assert torch.equal(got, want)
+    staged = reference.moe_ideal(sample, x, weights, ids)
+    assert not torch.equal(staged, want)

@@ -118,7 +118,8 @@ class Settings:
     def fixes_disable(self) -> tuple[str, ...]:
         return self.get("FIXES_DISABLE", _csv, ())
 
-    # Faulty test kernels put first in the FP8 block candidates (e8m0, garbage, corrupt-block).
+    # Faulty test kernels put first in vLLM's candidates: FP8 block linear (e8m0, garbage,
+    # corrupt-block) and the CPU unquantized MoE (moe-e8m0, moe-garbage, moe-corrupt-expert).
     @property
     def test_kernels(self) -> tuple[str, ...]:
         return self.get("TEST_KERNELS", _test_kernels, ())
@@ -158,11 +159,13 @@ def _choice(choices: tuple[str, ...]) -> Callable[[str], str]:
 
 def _test_kernels(value: str) -> tuple[str, ...]:
     from gemmguard.kernels.faulty import FAULTY_KERNELS
+    from gemmguard.kernels.faulty_moe import FAULTY_MOE_KERNELS
 
+    known = [*FAULTY_KERNELS, *FAULTY_MOE_KERNELS]
     names = _csv(value)
-    unknown = [n for n in names if n not in FAULTY_KERNELS]
+    unknown = [n for n in names if n not in known]
     if unknown:
-        raise ValueError(f"unknown {unknown}; known: {', '.join(FAULTY_KERNELS)}")
+        raise ValueError(f"unknown {unknown}; known: {', '.join(known)}")
     return names
 
 

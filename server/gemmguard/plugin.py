@@ -50,6 +50,35 @@ def add_portable_kernels(test_kernels: tuple[str, ...] = ()) -> None:
     ledger.record(PORTABLE_KERNELS_PATCH)
 
 
+FAULTY_MOE_PATCH = ledger.Patch(
+    name="faulty-moe-test-kernels",
+    why="The MoE self-check must be proven to catch faulty experts kernels, on the kernel vLLM "
+    "itself chooses for the layer, without a GPU.",
+    how="Rebind backend_to_kernel_cls in vLLM's unquantized MoE oracle so that, for the CPU "
+    "backend, the faulty experts named in GEMMGUARD_TEST_KERNELS come before vLLM's own.",
+    upstream="none: test-only, never applied unless GEMMGUARD_TEST_KERNELS names a moe-* kernel.",
+    remove_when="vLLM offers a way to register an extra MoE experts candidate.",
+)
+
+
+def add_faulty_moe_kernels(test_kernels: tuple[str, ...] = ()) -> None:
+    """Put the faulty MoE experts named in `test_kernels` first for the CPU unquantized MoE."""
+    from gemmguard.kernels.faulty_moe import FAULTY_MOE_KERNELS, build_faulty_moe_kernels
+    from gemmguard.vllm_adapter import moe
+
+    names = tuple(n for n in test_kernels if n in FAULTY_MOE_KERNELS)
+    honest = moe.cpu_unquantized_experts_class() if names else None
+    if honest is None:
+        return
+    faulty = build_faulty_moe_kernels(honest, names)
+
+    def with_faulty(backend: object, classes: list[type]) -> list[type]:
+        return [*faulty, *classes] if moe.is_cpu_backend(backend) else classes
+
+    if moe.wrap_unquantized_moe_candidates(with_faulty):
+        ledger.record(FAULTY_MOE_PATCH)
+
+
 def register() -> None:
     """Entry point of `vllm.general_plugins`: install gemmguard's engine-side hooks once."""
     global _REGISTERED
@@ -63,6 +92,8 @@ def register() -> None:
 
     cfg = settings()
     add_portable_kernels(cfg.test_kernels)
+    # Before selection.install, whose wrapper (outside this one) applies the deny list.
+    add_faulty_moe_kernels(cfg.test_kernels)
     selection.install(cfg.deny_kernels)
     load_check.install(load_check.CheckConfig(
         policy=cfg.selfcheck_policy, unchecked=cfg.selfcheck_unchecked,

@@ -61,7 +61,8 @@ SELECTION_PATCH = ledger.Patch(
     "fallback metric need them per layer, and --deny-kernel needs a hook in every chooser.",
     how="Rebind `is_supported_and_can_implement_kernel` and `choose_scaled_mm_linear_kernel` "
     "in vllm.model_executor.kernels.linear with wrappers that record each attempt and answer "
-    "'denied' for denied classes; wrap `dispatch_cpu_unquantized_gemm` to name the CPU branch.",
+    "'denied' for denied classes; wrap `dispatch_cpu_unquantized_gemm` to name the CPU branch; "
+    "drop denied classes from the unquantized MoE oracle's `backend_to_kernel_cls`.",
     upstream="none: vLLM logs one 'Selected X for Y' line per kernel class (info_once).",
     remove_when="vLLM records the candidates it turned down on the kernel object.",
 )
@@ -110,7 +111,15 @@ def install(deny: tuple[str, ...] = ()) -> None:
         utils.dispatch_cpu_unquantized_gemm = _wrap_cpu_dispatch(
             utils.dispatch_cpu_unquantized_gemm
         )
+    from gemmguard.vllm_adapter import moe
+
+    moe.wrap_unquantized_moe_candidates(deny_moe_candidates)
     ledger.record(SELECTION_PATCH)
+
+
+def deny_moe_candidates(backend: Any, classes: list[type]) -> list[type]:
+    """An MoE oracle's candidates for `backend` without the denied classes."""
+    return [cls for cls in classes if cls.__name__ not in _DENY]
 
 
 def _wrap_check(original: Any) -> Any:

@@ -187,11 +187,31 @@ def routing(sample: MoeSample, tokens: int, seed: int) -> tuple[torch.Tensor, to
     return weights, ids
 
 
+def moe_rounding(module: Any) -> reference.MoeRounding:
+    """Where the layer's experts kernel family rounds (see `reference.MoeRounding`)."""
+    from gemmguard.vllm_adapter import moe
+
+    experts = moe.experts_of(module)
+    if experts is not None and moe.is_cpu_unquantized_experts(experts):
+        return reference.cpu_grouped(moe.cpu_bf16_conversion())
+    return reference.STAGED
+
+
+_SEVERITY = {"pass": 0, "degraded": 1, "broken": 2}
+
+
 @torch.inference_mode()
 def check_moe(module: Any, sample: MoeSample, kernel: str, seed: int = 0) -> LayerResult:
-    """Run the layer's experts kernel with routing fixed by the check, against fp32 references."""
+    """Run the layer's experts kernel with routing fixed by the check, against fp32 references.
+
+    Each sampled expert gets its own verdict (its tokens only): an expert that gets one token
+    of 128, or whose outputs are small, is judged on its own, not diluted in the layer's sum.
+    The layer's verdict is the worst of its own and its experts'.
+    """
     device = device_of(module)
+    rounding = moe_rounding(module)
     worst = _Worst()
+    # expert → [squared error, squared ideal error, squared reference]
     per_expert: dict[int, list[float]] = {e: [0.0, 0.0, 0.0] for e in sample.experts}
     rows = sample.rows.to(device)
     try:
@@ -202,7 +222,7 @@ def check_moe(module: Any, sample: MoeSample, kernel: str, seed: int = 0) -> Lay
                                          ids.to(device))
             y = out[:, rows].float().cpu()
             exact = reference.moe_exact(sample, x, weights, ids)
-            ideal = reference.moe_ideal(sample, x, weights, ids)
+            ideal = reference.moe_ideal(sample, x, weights, ids, rounding)
             worst.add(y, exact, ideal, sample.rows, tokens)
             for expert, global_id in zip(sample.experts, sample.global_ids, strict=True):
                 mine = ids[:, 0] == global_id
@@ -218,9 +238,13 @@ def check_moe(module: Any, sample: MoeSample, kernel: str, seed: int = 0) -> Lay
     for expert, global_id in zip(sample.experts, sample.global_ids, strict=True):
         err, ideal_err, ref = per_expert[expert]
         if ref > 0:
-            bits = to_bits(math.sqrt(err / ref))
+            error = math.sqrt(err / ref)
+            bits = to_bits(error)
             expected = to_bits(math.sqrt(ideal_err / ref))
-            result.experts.append({"expert": global_id, "bits": _finite(bits),
-                                   "expected_bits": _finite(expected),
+            expert_verdict = verdict(bits, expected - bits, error)
+            result.experts.append({"expert": global_id, "verdict": expert_verdict,
+                                   "bits": _finite(bits), "expected_bits": _finite(expected),
                                    "excess_bits": _finite(expected - bits)})
+            if _SEVERITY[expert_verdict] > _SEVERITY[result.verdict]:
+                result.verdict = expert_verdict
     return result

@@ -119,6 +119,10 @@ def summary(outcome: Outcome) -> str:
             else:
                 what = (f"gives {layer['bits']} bits where the {layer['scheme']} scheme allows "
                         f"{_bits(layer['expected_bits'])} (excess {layer['excess_bits']} bits)")
+            experts = [f"{e['expert']} {e['verdict']}" for e in layer.get("experts") or ()
+                       if e.get("verdict") in FAILING]
+            if experts:
+                what += "; experts " + ", ".join(experts)
             lines.append(f"  {layer['verdict']:8} {layer['layer']}: {layer['kernel']} {what}")
     for item in outcome.replacements():
         if item.get("kernel"):

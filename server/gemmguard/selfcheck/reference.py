@@ -4,10 +4,14 @@
 `ideal`  — activations quantized exactly as the scheme prescribes (fp32 scales), then the
            same product, rounded to the layer's output dtype: the best any honest kernel of
            the scheme can do. A kernel far below it is losing accuracy of its own.
-MoE layers: the same for each token's experts, SiLU-gated, weighted by the routing.
+MoE layers: the same for each token's experts, SiLU-gated, weighted by the routing. An honest
+fused-MoE kernel rounds to the output dtype at points its family defines (`MoeRounding`); the
+ideal rounds at those points, so what it allows is the arithmetic of that family.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -64,9 +68,51 @@ def ideal(sample: LinearSample, x: torch.Tensor) -> torch.Tensor:
     return out.to(sample.out_dtype).float()
 
 
+@dataclass(frozen=True)
+class MoeRounding:
+    """Where an honest fused-MoE kernel stores values in the output dtype, and how it converts.
+
+    points: among "h" (the gate/up product), "gate" (the activation's output), "inter" (the
+    gated intermediate, the down projection's input) and "down" (each expert's output before
+    the weighted sum); the summed output is always converted. mode: "nearest" (IEEE round to
+    nearest even) or "truncate" (round toward zero: the low mantissa bits are dropped).
+    """
+
+    points: frozenset[str]
+    mode: str = "nearest"
+
+
+# Triton-style staged kernels: the gate/up product is written in the output dtype, the
+# activation writes its own output, each expert's down output is stored before the sum.
+STAGED = MoeRounding(frozenset({"h", "gate", "inter", "down"}))
+
+
+def cpu_grouped(mode: str) -> MoeRounding:
+    """vLLM's CPU grouped-GEMM experts (csrc/cpu/cpu_fused_moe.cpp, 0.32): fp32 GEMMs and
+    activation, the gated intermediate stored in bf16, the down outputs weighted and summed in
+    fp32, one conversion at the end. `mode` is how the build converts fp32 to bf16."""
+    return MoeRounding(frozenset({"inter"}), mode)
+
+
+def convert(v: torch.Tensor, dtype: torch.dtype, mode: str = "nearest") -> torch.Tensor:
+    """fp32 `v` stored in `dtype` and read back, rounded to nearest or toward zero."""
+    if mode == "truncate" and dtype == torch.bfloat16:
+        # bf16 is the upper half of an fp32: dropping the lower 16 bits rounds toward zero.
+        bits = v.float().contiguous().view(torch.int32) & ~0xFFFF
+        return bits.view(torch.float32)
+    return v.to(dtype).float()
+
+
 def _moe(sample: MoeSample, x: torch.Tensor, topk_weights: torch.Tensor,
-         topk_ids: torch.Tensor, scheme_rounding: bool) -> torch.Tensor:
-    """Σ over each token's sampled experts of weight × down(silu(gate·x) ⊙ up·x), fp32."""
+         topk_ids: torch.Tensor, rounding: MoeRounding | None) -> torch.Tensor:
+    """Σ over each token's sampled experts of weight × down(silu(gate·x) ⊙ up·x), fp32.
+
+    With `rounding`, activations are quantized as the scheme says and values are stored in
+    the output dtype where the kernel family stores them.
+    """
+    scheme_rounding = rounding is not None
+    points = rounding.points if rounding is not None else frozenset()
+    mode = rounding.mode if rounding is not None else "nearest"
     out = torch.zeros(x.shape[0], sample.rows.numel(), dtype=torch.float32)
     xf = x.float()
     weights = topk_weights.float().cpu()
@@ -84,26 +130,29 @@ def _moe(sample: MoeSample, x: torch.Tensor, topk_weights: torch.Tensor,
         w13 = sample.w13[expert]
         half = w13.shape[0] // 2
         h = xt @ w13.t()
-        if scheme_rounding:
-            h = h.to(sample.out_dtype).float()  # kernels keep the gate/up product in it
+        if "h" in points:
+            h = convert(h, sample.out_dtype, mode)
         gate = torch.nn.functional.silu(h[:, :half])
-        if scheme_rounding:
-            gate = gate.to(sample.out_dtype).float()  # the activation's own output dtype
+        if "gate" in points:
+            gate = convert(gate, sample.out_dtype, mode)
         inter = gate * h[:, half:]
+        if "inter" in points:
+            inter = convert(inter, sample.out_dtype, mode)
         if scheme_rounding:
-            inter = quantize_activations(inter.to(sample.out_dtype).float(), sample.activation)
+            inter = quantize_activations(inter, sample.activation)
         down = inter @ sample.w2[expert].t()
-        if scheme_rounding:
-            down = down.to(sample.out_dtype).float()  # each expert's output before the sum
+        if "down" in points:
+            down = convert(down, sample.out_dtype, mode)
         out.index_add_(0, tokens, scale * down)
-    return out.to(sample.out_dtype).float() if scheme_rounding else out
+    return convert(out, sample.out_dtype, mode) if scheme_rounding else out
 
 
 def moe_exact(sample: MoeSample, x: torch.Tensor, topk_weights: torch.Tensor,
               topk_ids: torch.Tensor) -> torch.Tensor:
-    return _moe(sample, x, topk_weights, topk_ids, scheme_rounding=False)
+    return _moe(sample, x, topk_weights, topk_ids, None)
 
 
 def moe_ideal(sample: MoeSample, x: torch.Tensor, topk_weights: torch.Tensor,
-              topk_ids: torch.Tensor) -> torch.Tensor:
-    return _moe(sample, x, topk_weights, topk_ids, scheme_rounding=True)
+              topk_ids: torch.Tensor, rounding: MoeRounding = STAGED) -> torch.Tensor:
+    """What the scheme allows a kernel that rounds as `rounding` says."""
+    return _moe(sample, x, topk_weights, topk_ids, rounding)

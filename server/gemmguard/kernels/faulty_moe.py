@@ -1,0 +1,96 @@
+"""Faulty MoE experts for proving the self-check on MoE layers: each mimics a real failure.
+
+Registered only when GEMMGUARD_TEST_KERNELS names them, at the front of vLLM's candidates for
+the unquantized (bf16) MoE on CPU, so vLLM's oracle picks them first; never in a normal start.
+Each derives from vLLM's own CPU experts and runs its real kernel, with one fault added.
+
+- `E8M0RequantCPUExperts`: re-quantizes the experts' weights to fp8 with power-of-two (E8M0)
+  128×128 block scales at load, and activations to fp8 with power-of-two 1×128 group scales,
+  as DeepGEMM's UE8M0 path does.
+- `GarbageCPUExperts`: returns noise of the right shape and magnitude.
+- `CorruptExpertCPUExperts`: right for every expert but one, whose down projection is read
+  in the wrong row order (a stale layout: a race between a weight conversion and its
+  consumer). The corrupted expert is the one with the smallest weights, as the experts whose
+  scales are extreme were the ones upstream failures hit (flashinfer #2595).
+
+Forward passes make no torch.Generator: torch.compile cannot trace one made inside forward.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from gemmguard import numerics
+from gemmguard.kernels.faulty import e8m0_activations
+
+FAULTY_MOE_KERNELS = {
+    "moe-e8m0": "E8M0RequantCPUExperts",
+    "moe-garbage": "GarbageCPUExperts",
+    "moe-corrupt-expert": "CorruptExpertCPUExperts",
+}
+BLOCK = 128
+
+
+def _pow2(scale: torch.Tensor) -> torch.Tensor:
+    return torch.exp2(torch.ceil(torch.log2(scale.clamp(min=1e-30))))
+
+
+def e8m0_requantize_experts(weight: torch.Tensor, block: int = BLOCK) -> torch.Tensor:
+    """(E, N, K) expert weights after fp8 quantization with power-of-two block scales."""
+    experts, n, k = weight.shape
+    pad_n, pad_k = -n % block, -k % block
+    padded = torch.nn.functional.pad(weight.float(), (0, pad_k, 0, pad_n))
+    blocks = padded.reshape(experts, (n + pad_n) // block, block, (k + pad_k) // block, block)
+    scale = _pow2(blocks.abs().amax(dim=(2, 4), keepdim=True).clamp(min=1e-12)
+                  / numerics.FP8_MAX)
+    q = (blocks / scale).clamp(-numerics.FP8_MAX, numerics.FP8_MAX).to(numerics.FP8_DTYPE)
+    requantized = (q.float() * scale).reshape(experts, n + pad_n, k + pad_k)[:, :n, :k]
+    return requantized.to(weight.dtype).contiguous()
+
+
+def smallest_expert(w13: torch.Tensor) -> int:
+    """The local expert whose gate/up weights have the smallest largest magnitude."""
+    return int(w13.detach().float().abs().amax(dim=(1, 2)).argmin())
+
+
+def build_faulty_moe_kernels(honest: type, names: tuple[str, ...]) -> list[type]:
+    """Faulty experts (by short name, see FAULTY_MOE_KERNELS) on vLLM's CPU experts class."""
+
+    class E8M0RequantCPUExperts(honest):  # type: ignore[misc, valid-type]
+        """Power-of-two fp8 block scales for expert weights and activations (DeepGEMM UE8M0)."""
+
+        def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+            layer.w13_weight.data.copy_(e8m0_requantize_experts(layer.w13_weight.data))
+            layer.w2_weight.data.copy_(e8m0_requantize_experts(layer.w2_weight.data))
+            super().process_weights_after_loading(layer)
+
+        def apply(self, output: torch.Tensor, hidden_states: torch.Tensor,
+                  *args: Any, **kwargs: Any) -> None:
+            group = min(BLOCK, hidden_states.shape[-1])
+            quantized = e8m0_activations(hidden_states, group).to(hidden_states.dtype)
+            super().apply(output, quantized, *args, **kwargs)
+
+    class GarbageCPUExperts(honest):  # type: ignore[misc, valid-type]
+        """Noise with the output's shape and scale."""
+
+        def apply(self, output: torch.Tensor, *args: Any, **kwargs: Any) -> None:
+            super().apply(output, *args, **kwargs)
+            # Deterministic noise from a formula, not a torch.Generator (compile-safe).
+            index = torch.arange(output.numel(), device=output.device, dtype=torch.float32)
+            noise = torch.sin(index * 12.9898).reshape(output.shape)
+            output.copy_((noise * output.float().std()).to(output.dtype))
+
+    class CorruptExpertCPUExperts(honest):  # type: ignore[misc, valid-type]
+        """One expert's down projection in reversed row order; every other expert right."""
+
+        def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+            expert = smallest_expert(layer.w13_weight)
+            w2 = layer.w2_weight.data
+            w2[expert] = w2[expert].flip(0)
+            super().process_weights_after_loading(layer)
+
+    by_short = {"moe-e8m0": E8M0RequantCPUExperts, "moe-garbage": GarbageCPUExperts,
+                "moe-corrupt-expert": CorruptExpertCPUExperts}
+    return [by_short[name] for name in names if name in by_short]
