@@ -11,8 +11,9 @@ import pytest
 
 from gemmguard import ledger
 from gemmguard.config import Settings
-from gemmguard.fixes import FixNotPatchable, deepgemm_blackwell, probe, simulate
+from gemmguard.fixes import Changes, Finding, FixNotPatchable, deepgemm_blackwell, probe
 from gemmguard.vllm_adapter import fixes as engine
+from helpers import simulate
 
 EXCLUDED = "qwen3_5_text"
 EXCLUDED_MOE = "qwen3_5_moe_text"
@@ -80,7 +81,7 @@ def moe_backend(monkeypatch: pytest.MonkeyPatch, model_type: str) -> Any:
 
 def apply(environ: dict[str, str] | None = None) -> str:
     finding = deepgemm_blackwell.detect()
-    return deepgemm_blackwell.patch(Settings(environ or {}), finding)
+    return deepgemm_blackwell.patch(Settings(environ or {}), finding, Changes())
 
 
 def test_linear_gate_turns_deepgemm_down_for_excluded_models(
@@ -102,7 +103,7 @@ def test_without_a_table_the_fix_is_missing_and_not_patchable(
     finding = deepgemm_blackwell.detect()
     assert finding.state == "missing" and "table" in finding.missing_parts
     with pytest.raises(FixNotPatchable, match="no working exclusion table"):
-        deepgemm_blackwell.patch(Settings({}), finding)
+        deepgemm_blackwell.patch(Settings({}), finding, Changes())
 
 
 def test_moe_probe_agrees_with_the_real_oracle_and_the_patch_covers_moe(
@@ -184,3 +185,46 @@ def test_detect_leaves_vllm_unchanged(dg: Any) -> None:
     deepgemm_blackwell.detect()
     assert getattr(dg, engine.EXCLUSION_TABLE) == table
     assert (oracle._get_priority_backends, dg.should_auto_disable_deep_gemm) == before
+
+
+def test_a_patch_that_refuses_leaves_the_table_untouched(
+    dg: Any, blackwell: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(engine, "has_deep_gemm", lambda: True)
+    table = copy.copy(getattr(dg, engine.EXCLUSION_TABLE))
+    finding = deepgemm_blackwell.detect()
+    undecided = Finding("missing", finding.detail, (*finding.missing_parts, "moe?"))
+    changes = Changes()
+    with pytest.raises(FixNotPatchable, match=r"\['moe\?'\] could not be probed"):
+        deepgemm_blackwell.patch(Settings({"GEMMGUARD_DEEPGEMM_EXCLUDE": "glm4_moe:100"}),
+                                 undecided, changes)
+    assert getattr(dg, engine.EXCLUSION_TABLE) == table and len(changes) == 0
+    assert ledger.applied() == []
+
+
+def test_verify_sees_the_patch_and_its_undo(
+    dg: Any, blackwell: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(engine, "has_deep_gemm", lambda: True)  # "installed": the table stays
+    settings = Settings({"GEMMGUARD_DEEPGEMM_EXCLUDE": "glm4_moe:100"})
+    table = copy.copy(getattr(dg, engine.EXCLUSION_TABLE))
+    changes = Changes()
+    deepgemm_blackwell.patch(settings, deepgemm_blackwell.detect(), changes)
+    assert deepgemm_blackwell.verify(settings).state == "upstream"
+    changes.undo()
+    assert getattr(dg, engine.EXCLUSION_TABLE) == table
+    after_undo = deepgemm_blackwell.verify(settings)
+    assert after_undo.state == "missing" and "table: glm4_moe not excluded" in after_undo.detail
+
+
+def test_the_registry_keeps_a_verified_patch(
+    dg: Any, blackwell: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import gemmguard.fixes as fixes
+
+    monkeypatch.setattr(fixes, "_APPLIED", {})
+    monkeypatch.setattr(fixes, "all_fixes", lambda: [deepgemm_blackwell.FIX])
+    (row,) = fixes.apply_all(Settings({}))
+    assert row["state"] == "patched", row["detail"]
+    assert "emptied" in row["detail"]  # DeepGEMM is not installed on this box
+    assert not dg.should_auto_disable_deep_gemm(EXCLUDED)

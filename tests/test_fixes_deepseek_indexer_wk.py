@@ -13,7 +13,7 @@ import torch
 
 from gemmguard import ledger
 from gemmguard.config import Settings
-from gemmguard.fixes import Finding, FixNotPatchable, deepseek_indexer_wk
+from gemmguard.fixes import Changes, Finding, FixNotPatchable, deepseek_indexer_wk
 from gemmguard.vllm_adapter import fixes as engine
 
 LOADER = engine.INDEXER_WK_LOADER
@@ -70,7 +70,7 @@ def test_an_order_dependent_or_absent_upcast_is_caught(monkeypatch: pytest.Monke
     finding = deepseek_indexer_wk.detect()
     assert finding.missing_parts == ("upcast",)
     with pytest.raises(FixNotPatchable, match="upcast itself is missing"):
-        deepseek_indexer_wk.patch(Settings({}), finding)
+        deepseek_indexer_wk.patch(Settings({}), finding, Changes())
 
 
 def test_a_pair_split_across_load_weights_calls_loads_once_patched() -> None:
@@ -80,11 +80,27 @@ def test_a_pair_split_across_load_weights_calls_loads_once_patched() -> None:
     finding = deepseek_indexer_wk.detect()
     if "pairing" not in finding.missing_parts:
         pytest.skip("every loader of this vLLM keeps its buffer across calls")
-    deepseek_indexer_wk.patch(Settings({}), finding)
+    deepseek_indexer_wk.patch(Settings({}), finding, Changes())
     (loaded,) = load(getattr(mtp, LOADER), [("weight", {}), ("weight_scale_inv", {})])
     assert loaded.dtype == torch.bfloat16 and loaded[0, 0] == 0.5
     assert getattr(engine.deepseek_v2(), LOADER) is getattr(mtp, LOADER)
     assert "indexer-wk-pairing-across-calls" in [p.name for p in ledger.applied()]
+
+
+def test_the_second_probe_sees_the_pairing_patch_and_its_undo() -> None:
+    finding = deepseek_indexer_wk.detect()
+    if "pairing" not in finding.missing_parts:
+        pytest.skip("every loader of this vLLM keeps its buffer across calls")
+    assert deepseek_indexer_wk.verify(Settings({})).state == "missing"
+    hooks = list(sys.meta_path)
+    changes = Changes()
+    deepseek_indexer_wk.patch(Settings({}), finding, changes)
+    assert deepseek_indexer_wk.verify(Settings({})).state == "upstream"
+    changes.undo()
+    assert sys.meta_path == hooks and ledger.applied() == []
+    mtp = sys.modules["vllm.model_executor.models.deepseek_mtp"]
+    assert load(getattr(mtp, LOADER), [("weight", {}), ("weight_scale_inv", {})]) == []
+    assert "still lost" in deepseek_indexer_wk.verify(Settings({})).detail
 
 
 def test_a_model_module_imported_later_is_wrapped_on_import(

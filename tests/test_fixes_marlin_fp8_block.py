@@ -9,8 +9,9 @@ from typing import Any
 
 import pytest
 
-from gemmguard.fixes import marlin_fp8_block, simulate
+from gemmguard.fixes import marlin_fp8_block
 from gemmguard.vllm_adapter import fixes as engine
+from helpers import simulate
 
 ISSUBCLASS = "issubclass(kernel_type, FP8ScaledMMLinearKernel)"
 

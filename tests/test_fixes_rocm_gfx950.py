@@ -13,8 +13,9 @@ import torch
 
 from gemmguard import ledger
 from gemmguard.config import Settings
-from gemmguard.fixes import Finding, rocm_gfx950, simulate
+from gemmguard.fixes import Changes, Finding, rocm_gfx950
 from gemmguard.vllm_adapter import fixes as engine
+from helpers import simulate
 
 HUGE = (1 << 16, 1 << 15, 64)  # n, m, k: 2**31 outputs
 
@@ -78,7 +79,7 @@ def test_dynamic_mxfp4_stays_off_and_the_0_26_form_is_caught(
     ok, text = rocm_gfx950.mxfp4_ok()
     assert not ok and "dynamic MXFP4" in text
     assert "mxfp4" in rocm_gfx950.detect().missing_parts
-    rocm_gfx950.patch(Settings({}), Finding("missing", text, ("mxfp4",)))
+    rocm_gfx950.patch(Settings({}), Finding("missing", text, ("mxfp4",)), Changes())
     assert not deepseek_v3_quark().dynamic_mxfp4_quant
 
 
@@ -110,7 +111,7 @@ def test_tgemm_enabled_without_aiter_stays_off_and_an_ungated_form_is_caught(
     ok, text = rocm_gfx950.gate_ok()
     assert not ok and "usable=False" in text
     assert "gate" in rocm_gfx950.detect().missing_parts
-    rocm_gfx950.patch(Settings({}), Finding("missing", text, ("gate",)))
+    rocm_gfx950.patch(Settings({}), Finding("missing", text, ("gate",)), Changes())
     assert not ops.is_tgemm_enabled()
 
 
@@ -146,7 +147,7 @@ def test_size_guard_patch_keeps_huge_gemms_off_tgemm(
         return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
     monkeypatch.setattr(utils, "rocm_unquantized_gemm", vllm_gemm)
-    rocm_gfx950.patch(Settings({}), Finding("missing", "", ("guard",)))
+    rocm_gfx950.patch(Settings({}), Finding("missing", "", ("guard",)), Changes())
     gemm = utils.dispatch_unquantized_gemm()  # what UnquantizedLinearMethod stores
     n, m, k = HUGE
     meta = {"device": "meta", "dtype": torch.bfloat16}
@@ -155,3 +156,17 @@ def test_size_guard_patch_keeps_huge_gemms_off_tgemm(
     gemm(None, torch.empty((16, k), **meta), torch.empty((64, k), **meta))
     assert reached == [(16, k)]
     assert "aiter-tgemm-large-shape-guard" in [p.name for p in ledger.applied()]
+
+
+def test_the_second_probe_sees_the_size_guard_patch_and_its_undo() -> None:
+    utils = engine.layers_utils()
+    if rocm_gfx950.guard_ok()[0]:
+        pytest.skip("this vLLM guards large shapes itself (0.33)")
+    found = utils.rocm_unquantized_gemm
+    changes = Changes()
+    rocm_gfx950.patch(Settings({}), Finding("missing", "", ("guard",)), changes)
+    assert rocm_gfx950.guard_ok() == (
+        True, "large shapes bypass tgemm (gemmguard's guard in front of vLLM's GEMM)")
+    changes.undo()
+    assert utils.rocm_unquantized_gemm is found and not rocm_gfx950.guard_ok()[0]
+    assert ledger.applied() == []

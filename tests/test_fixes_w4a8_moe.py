@@ -12,7 +12,7 @@ import torch
 
 from gemmguard import ledger
 from gemmguard.config import Settings
-from gemmguard.fixes import Finding, w4a8_moe
+from gemmguard.fixes import Changes, Finding, w4a8_moe
 from gemmguard.vllm_adapter import fixes as engine
 
 
@@ -56,7 +56,7 @@ def test_scale_reshape_is_detected_by_behaviour_and_patched(
     assert not ok and "fails on a (2, 8, 4) scale tensor" in text
     finding = w4a8_moe.detect()
     assert finding.missing_parts == ("reshape",)
-    w4a8_moe.patch(Settings({}), finding)
+    w4a8_moe.patch(Settings({}), finding, Changes())
     assert w4a8_moe.reshape_ok()[0]
     mixed = inspect.getmodule(engine.cutlass_w4a8_linear_kernel())
     assert getattr(mixed, w4a8_moe.RESHAPE) is w4a8_moe.convert_bf16_scales_to_fp8
@@ -108,8 +108,22 @@ def test_missing_sync_is_detected_and_the_patch_restores_the_order(
     assert not ok and "MoE oracle" in text and "linear kernel" not in text
     finding = w4a8_moe.detect()
     assert "sync" in finding.missing_parts  # (the reshape stand-in above fails its probe too)
-    w4a8_moe.patch(Settings({}), Finding("missing", text, ("sync",)))
+    changes = Changes()
+    w4a8_moe.patch(Settings({}), Finding("missing", text, ("sync",)), changes)
     calls.clear()
     convert()
     assert calls == ["convert", "sync", "reorder"] * 2
     assert [p.name for p in ledger.applied()] == ["w4a8-sync-before-reorder"]
+    # The second probe sees the patched ops synchronize first; after an undo it sees the race.
+    assert w4a8_moe.sync_ok()[0] and "synchronize first" in w4a8_moe.sync_ok()[1]
+    changes.undo()
+    assert not w4a8_moe.sync_ok()[0] and ledger.applied() == []
+
+
+def test_synchronizes_first_tells_a_synced_wrapper_from_a_plain_op() -> None:
+    def reorder(t: Any) -> Any:
+        return t
+
+    assert not w4a8_moe.probe.synchronizes_first(reorder)
+    assert not w4a8_moe.probe.synchronizes_first(torch.add)  # a builtin op: no Python to sync
+    assert w4a8_moe.probe.synchronizes_first(w4a8_moe._synchronized(reorder))

@@ -143,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="Show each engine fix gemmguard carries and its state on this installation.",
         description="Detect each carried engine fix from the installed vLLM's behaviour, patch "
         "what is missing (in this process, as every gemmguard engine process does), and print "
-        "the states: upstream, patched, missing, not_applicable.",
+        "the states: upstream, patched, missing, not_applicable, unknown.",
     )
     fixes.add_argument("--json", action="store_true", help="Print JSON instead of a table.")
     fixes.set_defaults(handler=_fixes)

@@ -31,3 +31,8 @@ def record(patch: Patch) -> None:
 def applied() -> list[Patch]:
     """Patches applied in this process, in the order they were applied."""
     return list(_APPLIED.values())
+
+
+def withdraw(name: str) -> None:
+    """Forget the patch called `name` (it was undone)."""
+    _APPLIED.pop(name, None)

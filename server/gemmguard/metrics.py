@@ -111,7 +111,8 @@ class Metrics:
 
         self.engine_fix_info = gauge(
             "gemmguard_engine_fix_info",
-            "Each carried engine fix and its state: upstream, patched, missing, not_applicable.",
+            "Each carried engine fix and its state: upstream, patched, missing, not_applicable "
+            "or unknown.",
             ("fix", "state"),
         )
         self.engine_live = gauge(

@@ -7,7 +7,12 @@ process; `report` feeds `gemmguard fixes`, `/gemmguard/v1/fixes` and the
 - upstream: the installed vLLM behaves correctly by itself;
 - patched: it did not, and gemmguard's runtime patch (see `gemmguard.ledger`) makes it so;
 - missing: it does not, and gemmguard could not (or was told not to) patch it;
-- not_applicable: the fix concerns hardware this process is not running on.
+- not_applicable: the fix concerns hardware this process is not running on;
+- unknown: a probe raised or could not decide, so gemmguard cannot tell (the detail says why).
+
+A fix is `patched` only when a second probe after its patch shows the fixed behaviour. A patch
+makes every edit through a `Changes`; when it raises, or the second probe does not show the
+fix, the edits are undone and vLLM is exactly as it was found.
 """
 
 from __future__ import annotations
@@ -22,9 +27,11 @@ from typing import Literal
 from gemmguard.config import Settings
 from gemmguard.config import settings as read_settings
 from gemmguard.errors import GemmguardError
+from gemmguard.fixes.changes import Changes, UndoFailed
 
 __all__ = [
     "FIX_MODULES",
+    "Changes",
     "STATES",
     "Finding",
     "Fix",
@@ -36,8 +43,8 @@ __all__ = [
 
 logger = logging.getLogger("gemmguard.fixes")
 
-STATES = ("upstream", "patched", "missing", "not_applicable")
-State = Literal["upstream", "patched", "missing", "not_applicable"]
+STATES = ("upstream", "patched", "missing", "not_applicable", "unknown")
+State = Literal["upstream", "patched", "missing", "not_applicable", "unknown"]
 
 # One module per fix, in the order of the issue (and of `gemmguard fixes`).
 FIX_MODULES = (
@@ -56,9 +63,12 @@ class FixNotPatchable(GemmguardError):
 
 @dataclass(frozen=True)
 class Finding:
-    """What a probe of the installed engine found: the fix's parts, present or missing."""
+    """What a probe of the installed engine found: the fix's parts, present or missing.
 
-    state: Literal["upstream", "missing"]
+    `unknown` when some part could not be decided and none is known to be missing.
+    """
+
+    state: Literal["upstream", "missing", "unknown"]
     detail: str
     missing_parts: tuple[str, ...] = ()
 
@@ -74,9 +84,12 @@ class Fix:
     hardware: str  # where it matters, in words (for the not_applicable detail)
     applies: Callable[[], bool]  # is it relevant on this platform at all?
     detect: Callable[[], Finding]  # probes behaviour; never changes vLLM
-    # Makes a missing fix present, idempotently, recording its ledger.Patch; returns what it
-    # did, or raises FixNotPatchable.
-    patch: Callable[[Settings, Finding], str] | None = None
+    # Makes a missing fix present, idempotently, every edit through the Changes (ledger.Patch
+    # included); returns what it did, or raises FixNotPatchable.
+    patch: Callable[[Settings, Finding, Changes], str] | None = None
+    # The second probe, after `patch`: "upstream" when vLLM now shows the fixed behaviour.
+    # Defaults to `detect`; a fix whose detect speaks for vLLM alone gives its own.
+    verify: Callable[[Settings], Finding] | None = None
 
 
 @dataclass
@@ -108,11 +121,12 @@ def _evaluate(fix: Fix) -> _Result | Finding:
             detail = f"applies to {fix.hardware}; this process runs on {engine.platform_label()}"
             return _Result("not_applicable", detail)
     except Exception as exc:  # a probe must never stop vLLM from starting
-        return _Result("missing", f"could not tell whether it applies here: {exc!r}")
+        return _Result("unknown", f"could not tell whether it applies here: the probe raised "
+                       f"{exc!r}")
     try:
         return fix.detect()
     except Exception as exc:
-        return Finding("missing", f"detection failed: {exc!r}", ("unknown",))
+        return _Result("unknown", f"detection failed: the probe raised {exc!r}")
 
 
 def _warn_missing(fix: Fix, why: str) -> None:
@@ -123,30 +137,68 @@ def _warn_missing(fix: Fix, why: str) -> None:
     )
 
 
+def _warn_unknown(fix: Fix, why: str) -> None:
+    logger.warning(
+        "gemmguard: cannot tell whether engine fix '%s' (%s) is in this vLLM: %s. "
+        "If it is missing: %s What to do: %s",
+        fix.name, fix.title, why, fix.consequence, fix.remedy,
+    )
+
+
+def _undo(fix: Fix, changes: Changes) -> str:
+    """Undo a patch's changes; the words for the fix's detail."""
+    if not changes:
+        return "it changed nothing"
+    try:
+        undone = changes.undo()
+    except UndoFailed as exc:
+        logger.error("gemmguard: engine fix '%s': %s", fix.name, exc)
+        return str(exc)
+    return f"its {len(undone)} change(s) were undone, vLLM is as found"
+
+
+def _patch(fix: Fix, settings: Settings, finding: Finding) -> _Result:
+    """Patch, probe again, and keep the patch only if the second probe shows the fix."""
+    assert fix.patch is not None
+    changes = Changes()
+    try:
+        done = fix.patch(settings, finding, changes)
+    except GemmguardError as exc:  # FixNotPatchable, or a bad GEMMGUARD_* setting
+        return _Result("missing", f"{finding.detail}; {exc} ({_undo(fix, changes)})")
+    except Exception as exc:
+        logger.exception("gemmguard: patching engine fix '%s' failed", fix.name)
+        return _Result("missing", f"{finding.detail}; the patch failed: {exc!r} "
+                       f"({_undo(fix, changes)})")
+    try:
+        after = (fix.verify or (lambda _: fix.detect()))(settings)
+    except Exception as exc:
+        return _Result("unknown", f"{finding.detail}; patched ({done}), but the second probe "
+                       f"raised {exc!r}, so the patch is not trusted ({_undo(fix, changes)})")
+    if after.state == "upstream":
+        return _Result("patched", f"{finding.detail}; patched: {done}")
+    state: State = "unknown" if after.state == "unknown" else "missing"
+    return _Result(state, f"{finding.detail}; the patch ({done}) did not take: a second probe "
+                   f"after it finds {after.detail} ({_undo(fix, changes)})")
+
+
 def _apply_one(fix: Fix, settings: Settings, disabled: frozenset[str]) -> _Result:
     finding = _evaluate(fix)
     if isinstance(finding, _Result):
-        if finding.state == "missing":
-            _warn_missing(fix, finding.detail)
-        return finding
-    if finding.state == "upstream":
-        return _Result("upstream", finding.detail)
-    if fix.patch is None:
-        why = f"{finding.detail}; gemmguard has no runtime patch for it"
+        result = finding
+    elif finding.state != "missing":
+        result = _Result(finding.state, finding.detail)
+    elif fix.patch is None:
+        result = _Result("missing", f"{finding.detail}; gemmguard has no runtime patch for it")
     elif fix.name in disabled or "all" in disabled:
-        why = f"{finding.detail}; patching disabled by GEMMGUARD_FIXES_DISABLE"
+        result = _Result("missing",
+                         f"{finding.detail}; patching disabled by GEMMGUARD_FIXES_DISABLE")
     else:
-        try:
-            done = fix.patch(settings, finding)
-        except GemmguardError as exc:  # FixNotPatchable, or a bad GEMMGUARD_* setting
-            why = f"{finding.detail}; {exc}"
-        except Exception as exc:  # a failed patch leaves vLLM as it was found: warn, go on
-            logger.exception("gemmguard: patching engine fix '%s' failed", fix.name)
-            why = f"{finding.detail}; the patch failed: {exc!r}"
-        else:
-            return _Result("patched", f"{finding.detail}; patched: {done}")
-    _warn_missing(fix, why)
-    return _Result("missing", why)
+        result = _patch(fix, settings, finding)
+    if result.state == "missing":
+        _warn_missing(fix, result.detail)
+    elif result.state == "unknown":
+        _warn_unknown(fix, result.detail)
+    return result
 
 
 def apply_all(settings: Settings | None = None) -> list[dict[str, str]]:

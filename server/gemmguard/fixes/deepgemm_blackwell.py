@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import copy
 import types
 from typing import Any
 
 from gemmguard import ledger
 from gemmguard.config import Settings
-from gemmguard.fixes import Finding, Fix, FixNotPatchable, deepgemm_table, probe
+from gemmguard.fixes import Changes, Finding, Fix, FixNotPatchable, deepgemm_table, probe
 from gemmguard.vllm_adapter import fixes as engine
 
 NAME = "deepgemm-blackwell"
@@ -87,6 +88,12 @@ def _moe_choice(model_type: str, platform: Any) -> Any:
     for name in (PRED, "_get_priority_backends"):
         if name in glob:
             overrides[name] = _pred(glob[name], platform)
+    priority = glob.get("_get_priority_backends")
+    if getattr(priority, "__gemmguard_fix__", None) == NAME:  # gemmguard's patch, in front
+        excluded = _pred(getattr(engine.deep_gemm_module(), PRED), platform)(model_type)
+        overrides["_get_priority_backends"] = probe.with_closure(
+            probe.with_globals(priority, {"_drops_deep_gemm": lambda: excluded}),
+            {"original": _pred(priority.__wrapped__, platform)})
     parallel = types.SimpleNamespace(
         use_batched_activation_format=False, use_deepep_v2_kernels=False, ep_size=1
     )
@@ -131,7 +138,10 @@ def detect() -> Finding:
     missing = tuple(n if s == "missing" else f"{n}?" for n, s in parts.items() if s != "ok")
     form = type(getattr(engine.deep_gemm_module(), engine.EXCLUSION_TABLE, None)).__name__
     detail = f"table ({form}): " + ", ".join(f"{k} {v}" for k, v in parts.items())
-    return Finding("missing" if missing else "upstream", detail, missing)
+    if not missing:
+        return Finding("upstream", detail)
+    undecided_only = all(p.endswith("?") for p in missing)
+    return Finding("unknown" if undecided_only else "missing", detail, missing)
 
 
 def _usable() -> bool:
@@ -140,22 +150,34 @@ def _usable() -> bool:
                 and engine.has_deep_gemm())
 
 
-def _extend(table: Any, entries: list[deepgemm_table.KnownBad]) -> list[str]:
-    skipped = []
+def _enforceable(table: Any, entry: deepgemm_table.KnownBad) -> bool:
+    """A set-form table is device-wide (the predicate hard-codes SM10x/SM12x): an entry for
+    other families than this device's cannot be enforced with it."""
+    if isinstance(table, dict):
+        return True
     capability = engine.device_capability()
     family = None if capability is None else capability // 10 * 10
-    for entry in entries:
-        if isinstance(table, dict):
-            table[entry.model_type] = tuple(sorted({*table.get(entry.model_type, ()),
-                                                   *entry.families}))
-        elif family in entry.families or (family is None and {100, 120} & {*entry.families}):
-            table.add(entry.model_type)  # set form: the predicate hard-codes SM10x/SM12x
-        else:
-            skipped.append(entry.model_type)
-    return skipped
+    return family in entry.families or (family is None and bool({100, 120} & {*entry.families}))
 
 
-def _wrap_moe_priority() -> None:
+def _forced(settings: Settings) -> set[str]:
+    forced = set(deepgemm_table.forced(settings))
+    if engine.explicitly_set("VLLM_USE_DEEP_GEMM") and engine.envs().VLLM_USE_DEEP_GEMM:
+        forced.add("*")  # as 0.33's MoE oracle reads an explicit VLLM_USE_DEEP_GEMM=1
+    return forced
+
+
+def _drops_deep_gemm() -> bool:
+    """True when the model being built is excluded and no DeepGEMM choice was made explicitly."""
+    # An explicit choice is the oracle's own (and it .remove()s DeepGEMM itself).
+    if engine.explicitly_set("VLLM_USE_DEEP_GEMM") or engine.explicitly_set(
+        "VLLM_MOE_USE_DEEP_GEMM"
+    ):
+        return False
+    return bool(getattr(engine.deep_gemm_module(), PRED)(engine.current_model_type()))
+
+
+def _wrap_moe_priority(changes: Changes) -> None:
     oracle = engine.fp8_moe_oracle()
     original = oracle._get_priority_backends
     if getattr(original, "__gemmguard_fix__", None) == NAME:
@@ -164,52 +186,98 @@ def _wrap_moe_priority() -> None:
 
     def _get_priority_backends(*args: Any, **kwargs: Any) -> list[Any]:
         backends: list[Any] = original(*args, **kwargs)
-        # An explicit choice is the oracle's own (and it .remove()s DeepGEMM itself).
-        if engine.explicitly_set("VLLM_USE_DEEP_GEMM") or engine.explicitly_set(
-            "VLLM_MOE_USE_DEEP_GEMM"
-        ):
-            return backends
-        if getattr(engine.deep_gemm_module(), PRED)(engine.current_model_type()):
+        if _drops_deep_gemm():
             return [b for b in backends if b not in dropped]
         return backends
 
     _get_priority_backends.__gemmguard_fix__ = NAME  # type: ignore[attr-defined]
     _get_priority_backends.__wrapped__ = original  # type: ignore[attr-defined]
-    oracle._get_priority_backends = _get_priority_backends
-    ledger.record(MOE_PATCH)
+    changes.setattr(oracle, "_get_priority_backends", _get_priority_backends)
+    changes.record(MOE_PATCH)
 
 
-def patch(settings: Settings, finding: Finding) -> str:
-    """Extend, force and guard the table in place; cover MoE where the oracle does not."""
+def patch(settings: Settings, finding: Finding, changes: Changes) -> str:
+    """Extend, force and guard the table in place; cover MoE where the oracle does not.
+
+    Everything that can refuse (no table, an undecided part, a bad setting) is checked before
+    the first edit, and the new table is computed before it replaces the old contents.
+    """
     table = getattr(engine.deep_gemm_module(), engine.EXCLUSION_TABLE, None)
     if table is None or {"table", "linear"} & set(finding.missing_parts):
         raise FixNotPatchable("this vLLM has no working exclusion table to extend")
-    done = []
-    skipped = _extend(table, deepgemm_table.known_bad(settings))
-    done.append(f"{len(table)} model types excluded")
-    if skipped:
-        done.append(f"not enforceable on this device with a set-form table: {skipped}")
-    forced = set(deepgemm_table.forced(settings))
-    if engine.explicitly_set("VLLM_USE_DEEP_GEMM") and engine.envs().VLLM_USE_DEEP_GEMM:
-        forced.add("*")  # as 0.33's MoE oracle reads an explicit VLLM_USE_DEEP_GEMM=1
-    removed = list(table) if "*" in forced else [m for m in forced if m in table]
-    for model_type in removed:
-        if isinstance(table, dict):
-            table.pop(model_type)
-        else:
-            table.discard(model_type)
-    done.append(f"DeepGEMM forced on for {sorted(removed)}" if removed else "opt-in ready")
-    if not _usable():
-        table.clear()
-        done.append("DeepGEMM cannot run here, so the table is emptied (no auto-disable warning)")
-    ledger.record(TABLE_PATCH)
-    if "moe" in finding.missing_parts:
-        _wrap_moe_priority()
-        done.append("MoE oracle now drops DeepGEMM for excluded models")
     undecided = [p for p in finding.missing_parts if p.endswith("?")]
     if undecided:
-        raise FixNotPatchable(f"{'; '.join(done)}; but {undecided} could not be probed")
+        raise FixNotPatchable(f"{undecided} could not be probed, so vLLM was left unchanged")
+    entries = deepgemm_table.known_bad(settings)
+    forced = _forced(settings)
+    new = copy.copy(table)
+    skipped = []
+    for entry in entries:
+        if not _enforceable(new, entry):
+            skipped.append(entry.model_type)
+        elif isinstance(new, dict):
+            new[entry.model_type] = tuple(sorted({*new.get(entry.model_type, ()),
+                                                 *entry.families}))
+        else:
+            new.add(entry.model_type)
+    done = [f"{len(new)} model types excluded"]
+    if skipped:
+        done.append(f"not enforceable on this device with a set-form table: {skipped}")
+    removed = sorted(new) if "*" in forced else sorted(m for m in forced if m in new)
+    for model_type in removed:
+        if isinstance(new, dict):
+            new.pop(model_type)
+        else:
+            new.discard(model_type)
+    done.append(f"DeepGEMM forced on for {removed}" if removed else "opt-in ready")
+    if not _usable():
+        new.clear()
+        done.append("DeepGEMM cannot run here, so the table is emptied (no auto-disable warning)")
+    changes.keep_contents(table, f"{engine.EXCLUSION_TABLE}")
+    table.clear()
+    table.update(new)  # in place: callers bind the predicate, which reads this object
+    changes.record(TABLE_PATCH)
+    if "moe" in finding.missing_parts:
+        _wrap_moe_priority(changes)
+        done.append("MoE oracle now drops DeepGEMM for excluded models")
     return "; ".join(done)
+
+
+def verify(settings: Settings) -> Finding:
+    """The second probe: the behaviour the patch promised, under the settings it read."""
+    dg = engine.deep_gemm_module()
+    pred, table = getattr(dg, PRED), getattr(dg, engine.EXCLUSION_TABLE)
+    entries = deepgemm_table.known_bad(settings)
+    forced = _forced(settings)
+    wrong: list[str] = []
+    if not _usable():  # nothing may be excluded, so nothing warns about a missing DeepGEMM
+        for entry in entries:
+            for family in entry.families:
+                no_dg = probe.StubPlatform("cuda", family, deep_gemm=False)
+                if _pred(pred, no_dg, has_deep_gemm=lambda: False,
+                         is_deep_gemm_supported=lambda: False)(entry.model_type):
+                    wrong.append(f"{entry.model_type} still auto-disabled on SM{family // 10}x")
+        detail = "; ".join(wrong) or "DeepGEMM cannot run here and no model type warns"
+        return Finding("missing" if wrong else "upstream", detail, ("table",) if wrong else ())
+    linear = engine.deep_gemm_linear_kernel() is not None
+    backend = engine.fp8_moe_oracle().Fp8MoeBackend
+    for entry in entries:
+        if not _enforceable(table, entry):
+            continue
+        expect_excluded = "*" not in forced and entry.model_type not in forced
+        platform = probe.StubPlatform("cuda", entry.families[0])
+        if bool(_pred(pred, platform)(entry.model_type)) != expect_excluded:
+            wrong.append(f"table: {entry.model_type} {'not ' if expect_excluded else ''}"
+                         "excluded")
+        if linear and _linear_accepts(entry.model_type, platform) == expect_excluded:
+            wrong.append(f"linear: DeepGEMM {'takes' if expect_excluded else 'refuses'} "
+                         f"{entry.model_type}")
+        moe = _moe_choice(entry.model_type, platform) == backend.DEEPGEMM
+        if expect_excluded and moe:
+            wrong.append(f"moe: DeepGEMM chosen for {entry.model_type}")
+    detail = "; ".join(wrong) or (f"{len(entries)} known-bad model types probed on their "
+                                  f"families; forced: {sorted(forced) or 'none'}")
+    return Finding("missing" if wrong else "upstream", detail, ("table",) if wrong else ())
 
 
 FIX = Fix(
@@ -222,4 +290,5 @@ FIX = Fix(
     applies=lambda: bool(engine.platform().is_cuda()),
     detect=detect,
     patch=patch,
+    verify=verify,
 )

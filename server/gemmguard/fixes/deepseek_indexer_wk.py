@@ -14,7 +14,7 @@ import torch
 
 from gemmguard import ledger
 from gemmguard.config import Settings
-from gemmguard.fixes import Finding, Fix, FixNotPatchable, probe
+from gemmguard.fixes import Changes, Finding, Fix, FixNotPatchable, probe
 from gemmguard.vllm_adapter import fixes as engine
 
 NAME = "deepseek-indexer-wk"
@@ -43,11 +43,7 @@ def upcast_ok() -> tuple[bool, str]:
     weight = (torch.arange(256 * 128, dtype=torch.float32).reshape(256, 128) % 7 - 3)
     scale = torch.tensor([[0.5], [2.0]])
     expected = (weight * scale.repeat_interleave(128, dim=0)).to(torch.bfloat16)
-    try:  # 0.32+ take pp_missing_layer_names as a sixth argument
-        inspect.signature(loader).bind(*range(6))
-        extra: list[Any] = [set()]
-    except TypeError:
-        extra = []
+    extra = _extra_args(loader)
     for order in (("weight", "weight_scale_inv"), ("weight_scale_inv", "weight")):
         loaded: list[torch.Tensor] = []
         param = types.SimpleNamespace(weight_loader=lambda p, w, shard, out=loaded: out.append(w))
@@ -59,6 +55,26 @@ def upcast_ok() -> tuple[bool, str]:
         if not loaded or loaded[0].dtype != torch.bfloat16 or not torch.equal(loaded[0], expected):
             return False, f"FP8 wk not loaded as its BF16 dequantization ({' then '.join(order)})"
     return True, "FP8 wk upcast to BF16, either order"
+
+
+def _extra_args(loader: Any) -> list[Any]:
+    try:  # 0.32+ take pp_missing_layer_names as a sixth argument
+        inspect.signature(loader).bind(*range(6))
+    except TypeError:
+        return []
+    return [set()]
+
+
+def _loads_split_pair(loader: Any) -> bool:
+    """Behaviour: an FP8 wk and its scale in two calls, each with a fresh buffer, load once."""
+    loaded: list[torch.Tensor] = []
+    param = types.SimpleNamespace(weight_loader=lambda p, w, shard: loaded.append(w))
+    params = {f"{_PREFIX}.wk_weights_proj.weight": param}
+    weight = torch.full((256, 128), 2.0).to(torch.float8_e4m3fn)
+    for part in ("weight", "weight_scale_inv"):
+        tensor = weight if part == "weight" else torch.tensor([[0.25], [4.0]])
+        loader(f"{_PREFIX}.wk.{part}", tensor, {}, params, set(), *_extra_args(loader))
+    return len(loaded) == 1 and loaded[0].dtype == torch.bfloat16
 
 
 def _per_call(fn: ast.FunctionDef, call: ast.Call) -> bool:
@@ -75,14 +91,58 @@ def _per_call(fn: ast.FunctionDef, call: ast.Call) -> bool:
 
 def per_call_callers() -> list[str]:
     """Callers whose buffer lives for one load_weights() call (read from source)."""
-    found = []
+    return [f"{module_name.removeprefix('vllm.')}:{fn}"
+            for module_name, fns in _per_call_modules().items() for fn in fns]
+
+
+def _per_call_modules() -> dict[str, list[str]]:
+    """{module: its functions that call the loader with a per-call buffer} (read from source)."""
+    found: dict[str, list[str]] = {}
     for module_name, path in engine.model_sources():
         for fn in probe.functions_calling(path.read_text(errors="replace"), LOADER):
             calls = [c for c in ast.walk(fn) if isinstance(c, ast.Call)
                      and isinstance(c.func, ast.Name) and c.func.id == LOADER]
             if any(_per_call(fn, c) for c in calls):
-                found.append(f"{module_name.removeprefix('vllm.')}:{fn.name}")
+                found.setdefault(module_name, []).append(fn.name)
     return found
+
+
+def pairing_ok() -> tuple[bool, str]:
+    """Behaviour, after the patch: each per-call caller's loader keeps a pair split in two.
+
+    A caller's module that is not imported yet cannot be probed without importing it; there
+    the import hook that wraps it on import must be installed.
+    """
+    definers = _definers()
+    imported = sorted((definers | set(_per_call_modules())) & set(sys.modules))
+    lost = [m for m in imported
+            if not _loads_split_pair(getattr(sys.modules[m], LOADER, None) or _no_loader)]
+    if lost:
+        return False, f"a pair split across load_weights() calls is still lost in {lost}"
+    later = definers - set(sys.modules)  # callers imported later bind a definer's loader
+    hooked = set().union(*(f.targets for f in sys.meta_path if isinstance(f, _WrapOnImport)))
+    if later - hooked:
+        return False, f"{sorted(later - hooked)} would not be wrapped when imported"
+    return True, (f"pairs kept across load_weights() calls ({len(imported)} loaded modules "
+                  f"probed, {len(later)} wrapped on import)")
+
+
+def _definers() -> set[str]:
+    """The vLLM model modules that define the loader (read from source)."""
+    return {name for name, path in engine.model_sources()
+            if f"def {LOADER}(" in path.read_text(errors="replace")}
+
+
+def _no_loader(*args: Any) -> None:
+    """Stands in for a module that lost its loader: loads nothing."""
+
+
+def verify(settings: Settings) -> Finding:
+    """The second probe after the patch: the upcast, and pairs split across calls."""
+    for ok, text in (upcast_ok(), pairing_ok()):
+        if not ok:
+            return Finding("missing", text, ("pairing",))
+    return Finding("upstream", text)
 
 
 def detect() -> Finding:
@@ -114,16 +174,22 @@ def _persistent(original: Any) -> Any:
     return loader
 
 
-def _wrap_module(module: types.ModuleType) -> None:
+def _wrap_module(module: types.ModuleType, changes: Changes | None = None) -> None:
+    """Wrap `module`'s loader and rebind it where imported by name (through `changes` if any).
+
+    Without `changes` (the import hook, for a module imported after the patch) the edit is
+    not undoable, and needs not be: the hook is removed with the rest of an undone patch.
+    """
+    set_attr = changes.setattr if changes is not None else setattr
     original = getattr(module, LOADER, None)
     if original is None or getattr(original, "__gemmguard_fix__", None) == NAME:
         return
     wrapped = _persistent(original)
-    setattr(module, LOADER, wrapped)
+    set_attr(module, LOADER, wrapped)
     for name, other in list(sys.modules.items()):  # vLLM modules that imported it by name
         # vars(), not getattr(): lazy modules (transformers) import things on attribute access.
         if name.startswith("vllm.") and vars(other).get(LOADER) is original:
-            setattr(other, LOADER, wrapped)
+            set_attr(other, LOADER, wrapped)
 
 
 class _WrapOnImport(importlib.abc.MetaPathFinder):
@@ -148,17 +214,18 @@ class _WrapOnImport(importlib.abc.MetaPathFinder):
         return spec
 
 
-def patch(settings: Settings, finding: Finding) -> str:
+def patch(settings: Settings, finding: Finding, changes: Changes) -> str:
     """Keep a pending wk half on its fused parameter, in every module defining the loader."""
     if "pairing" not in finding.missing_parts:
         raise FixNotPatchable("the FP8 wk upcast itself is missing and is not patchable")
-    definers = {name for name, path in engine.model_sources()
-                if f"def {LOADER}(" in path.read_text(errors="replace")}
+    definers = _definers()
     if not any(isinstance(f, _WrapOnImport) for f in sys.meta_path):
-        sys.meta_path.insert(0, _WrapOnImport(frozenset(definers - set(sys.modules))))
+        hook = _WrapOnImport(frozenset(definers - set(sys.modules)))
+        changes.call("sys.meta_path", lambda: sys.meta_path.insert(0, hook),
+                     lambda: sys.meta_path.remove(hook))
     for name in definers & set(sys.modules):
-        _wrap_module(sys.modules[name])
-    ledger.record(PAIRING_PATCH)
+        _wrap_module(sys.modules[name], changes)
+    changes.record(PAIRING_PATCH)
     return f"pending halves kept on the fused parameter ({len(definers)} loader definitions)"
 
 
@@ -172,4 +239,5 @@ FIX = Fix(
     applies=lambda: bool(engine.platform().is_cuda() or engine.platform().is_rocm()),
     detect=detect,
     patch=patch,
+    verify=verify,
 )

@@ -40,6 +40,51 @@ def with_globals(
     return clone
 
 
+def with_closure(fn: Any, cells: Mapping[str, Any]) -> Any:
+    """`fn` with some variables it closes over replaced (e.g. the function a wrapper wraps)."""
+    if not isinstance(fn, types.FunctionType):
+        return fn
+    names = fn.__code__.co_freevars
+    unknown = set(cells) - set(names)
+    if unknown:
+        raise ValueError(f"{fn.__qualname__} closes over {list(names)}, not {sorted(unknown)}")
+    closure = tuple(types.CellType(cells[name]) if name in cells else cell
+                    for name, cell in zip(names, fn.__closure__ or (), strict=True))
+    clone = types.FunctionType(fn.__code__, fn.__globals__, fn.__name__, fn.__defaults__, closure)
+    clone.__kwdefaults__ = fn.__kwdefaults__
+    return clone
+
+
+class _Synchronized(Exception):
+    """Raised by the probe's stand-in for a device synchronize."""
+
+
+def synchronizes_first(fn: Any) -> bool:
+    """True if calling `fn` synchronizes the device before it reaches anything else.
+
+    `fn` runs with stand-ins: `torch.accelerator`/`torch.cuda` whose `synchronize` stops the
+    call, and every function it closes over replaced by one that fails; no device is touched.
+    """
+    def synchronize(*args: Any, **kwargs: Any) -> None:
+        raise _Synchronized
+
+    def reached(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("reached before any synchronize")
+
+    device = types.SimpleNamespace(synchronize=synchronize)
+    clone = with_globals(fn, {"torch": types.SimpleNamespace(accelerator=device, cuda=device)})
+    if not isinstance(clone, types.FunctionType):
+        return False  # a builtin or a torch op: no Python code that could synchronize first
+    clone = with_closure(clone, dict.fromkeys(clone.__code__.co_freevars, reached))
+    try:
+        clone()  # no arguments: a function that needs them fails before its first line
+    except _Synchronized:
+        return True
+    except Exception:
+        return False
+    return False
+
+
 def _builtins_with_imports(imports: Mapping[str, Any]) -> dict[str, Any]:
     real_import = builtins.__import__
 

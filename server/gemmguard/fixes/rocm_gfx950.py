@@ -10,7 +10,7 @@ import torch
 
 from gemmguard import ledger
 from gemmguard.config import Settings
-from gemmguard.fixes import Finding, Fix, probe
+from gemmguard.fixes import Changes, Finding, Fix, probe
 from gemmguard.vllm_adapter import fixes as engine
 
 NAME = "rocm-gfx950"
@@ -84,8 +84,33 @@ def gate_ok() -> tuple[bool, str]:
     return True, f"tgemm gated (AITER usable here: {usable})"
 
 
+def _guard_in_front() -> bool:
+    """Behaviour: the GEMM vLLM dispatches to keeps a 2**31-output GEMM from what it wraps.
+
+    Probes a wrapper in front of vLLM's ROCm GEMM (gemmguard's patch) with tgemm forced on and
+    the wrapped GEMM replaced by a recorder, on meta tensors of two sizes.
+    """
+    entry = engine.layers_utils().rocm_unquantized_gemm
+    if not isinstance(entry, types.FunctionType) or "original" not in entry.__code__.co_freevars:
+        return False
+    reached: list[tuple[int, ...]] = []
+
+    def original(layer: Any, x: torch.Tensor, weight: torch.Tensor, bias: Any = None) -> Any:
+        reached.append(tuple(x.shape))
+        return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+    run = probe.with_closure(probe.with_globals(entry, {"_tgemm_enabled": lambda: True}),
+                             {"original": original})
+    for n, m in ((16, 64), (_UNSAFE_N, _UNSAFE_M)):
+        x = torch.empty((n, _K), device="meta", dtype=torch.bfloat16)
+        run(None, x, torch.empty((m, _K), device="meta", dtype=torch.bfloat16), None)
+    return reached == [(16, _K)]
+
+
 def guard_ok() -> tuple[bool, str]:
     """Behaviour: run vLLM's ROCm GEMM with tgemm forced on, on meta tensors of two sizes."""
+    if _guard_in_front():
+        return True, "large shapes bypass tgemm (gemmguard's guard in front of vLLM's GEMM)"
     calls: list[tuple[int, ...]] = []
     tgemm = types.SimpleNamespace(mm=lambda x, w, b=None: calls.append(tuple(x.shape)) or (
         x.new_empty((*x.shape[:-1], w.shape[0]))))
@@ -133,12 +158,18 @@ def _guarded(original: Any) -> Any:
                               bias: torch.Tensor | None = None) -> torch.Tensor:
         n, (m, k) = x.numel() // x.size(-1), weight.shape
         unsafe = n * m >= 1 << 31 or max(n, m) * k * x.element_size() >= 1 << 32
-        if unsafe and engine.aiter_ops_module().rocm_aiter_ops.is_tgemm_enabled():
+        if unsafe and _tgemm_enabled():
             return torch.nn.functional.linear(x, weight, bias)
         return original(layer, x, weight, bias)
 
     rocm_unquantized_gemm.__gemmguard_fix__ = NAME  # type: ignore[attr-defined]
+    rocm_unquantized_gemm.__wrapped__ = original  # type: ignore[attr-defined]
     return rocm_unquantized_gemm
+
+
+def _tgemm_enabled() -> bool:
+    """vLLM's answer, per call (a module function so that the guard's probe can replace it)."""
+    return bool(engine.aiter_ops_module().rocm_aiter_ops.is_tgemm_enabled())
 
 
 def _gated(cls: Any) -> bool:
@@ -151,26 +182,29 @@ def _gated(cls: Any) -> bool:
 _gated.__gemmguard_fix__ = NAME  # type: ignore[attr-defined]
 
 
-def patch(settings: Settings, finding: Finding) -> str:
+def patch(settings: Settings, finding: Finding, changes: Changes) -> str:
     """Keep dynamic MXFP4 off; gate tgemm on AITER and gfx950; guard it by size."""
     done = []
     if "mxfp4" in finding.missing_parts:
         quark = engine.quark_config_class()
         if getattr(quark.maybe_update_config, "__gemmguard_fix__", None) != NAME:
-            quark.maybe_update_config = _no_dynamic_mxfp4(quark.maybe_update_config)
-        ledger.record(MXFP4_PATCH)
+            changes.setattr(quark, "maybe_update_config",
+                            _no_dynamic_mxfp4(quark.maybe_update_config))
+        changes.record(MXFP4_PATCH)
         done.append("dynamic MXFP4 kept off")
     if "guard" in finding.missing_parts:
         utils = engine.layers_utils()
         if getattr(utils.rocm_unquantized_gemm, "__gemmguard_fix__", None) != NAME:
-            utils.rocm_unquantized_gemm = _guarded(utils.rocm_unquantized_gemm)
-        ledger.record(GUARD_PATCH)
+            changes.setattr(utils, "rocm_unquantized_gemm",
+                            _guarded(utils.rocm_unquantized_gemm))
+        changes.record(GUARD_PATCH)
         done.append("tgemm size guard added")
     if "gate" in finding.missing_parts:
         ops = engine.aiter_ops_module().rocm_aiter_ops
         if getattr(ops.is_tgemm_enabled, "__gemmguard_fix__", None) != NAME:
-            ops.is_tgemm_enabled = classmethod(_gated)  # looked up at call time by the GEMM
-        ledger.record(GATE_PATCH)
+            # Looked up at call time by the GEMM.
+            changes.setattr(ops, "is_tgemm_enabled", classmethod(_gated))
+        changes.record(GATE_PATCH)
         done.append("tgemm gated on AITER, AITER linear and gfx950")
     return ", ".join(done)
 

@@ -11,7 +11,7 @@ import torch
 
 from gemmguard import ledger
 from gemmguard.config import Settings
-from gemmguard.fixes import Finding, Fix, FixNotPatchable, probe
+from gemmguard.fixes import Changes, Finding, Fix, FixNotPatchable, probe
 from gemmguard.vllm_adapter import fixes as engine
 
 NAME = "w4a8-moe"
@@ -60,7 +60,7 @@ def reshape_ok() -> tuple[bool, str]:
     return True, "reshape ok (probed on a CPU tensor)"
 
 
-def _unsynced(fn: Any) -> bool:
+def _unsynced(fn: Any, synced_reorders: frozenset[str]) -> bool:
     """True if some int4 conversion in `fn` reaches a CUTLASS reorder with no sync between."""
     for names in probe.names_in_order(fn):
         pending = False
@@ -69,20 +69,28 @@ def _unsynced(fn: Any) -> bool:
                 pending = True
             elif name == "synchronize":
                 pending = False
-            elif name in REORDERS and pending:
+            elif name in REORDERS and pending and name not in synced_reorders:
                 return True
     return False
 
 
 def sync_ok() -> tuple[bool, str]:
-    """Bytecode: a stream race cannot be provoked on a CPU, so read the call order instead."""
+    """Bytecode: a stream race cannot be provoked on a CPU, so read the call order instead.
+
+    A reorder op that itself synchronizes first (probed by calling it under stand-ins, as
+    gemmguard's patch makes it) counts as a sync before the reorder.
+    """
+    ops = engine.custom_ops()
+    synced = frozenset(n for n in REORDERS if probe.synchronizes_first(getattr(ops, n, None)))
     sites = {
         "MoE oracle": engine.w4a8_moe_converter(),
         "linear kernel": engine.cutlass_w4a8_linear_kernel().process_weights_after_loading,
     }
-    bad = [where for where, fn in sites.items() if _unsynced(fn)]
+    bad = [where for where, fn in sites.items() if _unsynced(fn, synced)]
     if bad:
         return False, f"no sync between int4 conversion and reorder in {bad} (read from bytecode)"
+    if synced:
+        return True, f"sync ok (the reorder ops {sorted(synced)} synchronize first)"
     return True, "sync ok (read from bytecode: no behavioural probe for a stream race)"
 
 
@@ -119,25 +127,26 @@ def convert_bf16_scales_to_fp8(
 convert_bf16_scales_to_fp8.__gemmguard_fix__ = NAME  # type: ignore[attr-defined]
 
 
-def patch(settings: Settings, finding: Finding) -> str:
+def patch(settings: Settings, finding: Finding, changes: Changes) -> str:
     """Wrap the reorder ops with a sync; swap in the fixed scale conversion everywhere."""
     done = []
     if "sync" in finding.missing_parts:
         ops = engine.custom_ops()
+        absent = [name for name in REORDERS if getattr(ops, name, None) is None]
+        if absent:
+            raise FixNotPatchable(f"vllm._custom_ops has no {absent} to synchronize before")
         for name in REORDERS:
-            current = getattr(ops, name, None)
-            if current is None:
-                raise FixNotPatchable(f"vllm._custom_ops has no {name} to synchronize before")
+            current = getattr(ops, name)
             if getattr(current, "__gemmguard_fix__", None) != NAME:
-                setattr(ops, name, _synchronized(current))
-        ledger.record(SYNC_PATCH)
+                changes.setattr(ops, name, _synchronized(current))
+        changes.record(SYNC_PATCH)
         done.append("sync before the CUTLASS int4 reorder")
     if "reshape" in finding.missing_parts:
         old = getattr(engine.quant_utils(), RESHAPE)
         for name, module in list(sys.modules.items()):  # callers import it by name
             if name.startswith("vllm.") and vars(module).get(RESHAPE) is old:
-                setattr(module, RESHAPE, convert_bf16_scales_to_fp8)
-        ledger.record(RESHAPE_PATCH)
+                changes.setattr(module, RESHAPE, convert_bf16_scales_to_fp8)
+        changes.record(RESHAPE_PATCH)
         done.append("scale reshape replaced")
     return ", ".join(done)
 

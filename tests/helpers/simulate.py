@@ -1,4 +1,4 @@
-"""Simulated platforms for exercising fixes on a CPU box, the way vLLM's own tests patch them.
+"""Test helper: simulated platforms for exercising fixes on a CPU box, as vLLM's tests do.
 
 Unlike `probe`, this *does* change vLLM's `current_platform` (and the CUDA-only probes the
 audit lists in §5), through a pytest-style `monkeypatch` that undoes it afterwards. Call
