@@ -28,7 +28,8 @@ site=${GG_SITE:-$HOME/gg-site}
 budget=${GG_BENCH_BUDGET_S:-530}  # a device call may run 600 s; the chunk unpack takes some
 deadline=$((t0 + budget))
 work=${GG_BENCH_WORK:-/tmp/gg-bench}
-model=$work/llama8b-fp8
+# GG_BENCH_MODEL: an existing checkpoint (skips making one; a dry run on CPU uses the demo's).
+model=${GG_BENCH_MODEL:-$work/llama8b-fp8}
 res=$work/results
 logs=$work/logs
 served=llama8b-fp8
@@ -37,7 +38,7 @@ decode=${GG_BENCH_DECODE:-decode:128:512:128:384}
 prefill=${GG_BENCH_PREFILL:-prefill:1024:128:32:256}
 # The same vLLM options for every server; two servers share a GPU in step 3, hence 0.45.
 engine=(--served-model-name $served --max-model-len 2048 --max-num-seqs 128
-        --gpu-memory-utilization 0.45)
+        ${GG_BENCH_ENGINE_ARGS:---gpu-memory-utilization 0.45})
 
 export PYTHONPATH=$site:$PWD/server:$PWD
 export VLLM_USE_FLASHINFER_SAMPLER=0 VLLM_DEEP_GEMM_WARMUP=skip VLLM_USE_DEEP_GEMM=0
@@ -60,7 +61,10 @@ gemmguard_api = gemmguard.endpoints:GemmguardEndpoints
 gemmguard_api = gemmguard.stat_logger:TokenStatLogger
 EOF
 
-step() { echo "== $(( $(date +%s) - t0 ))s $*" | tee -a "$logs/steps.log"; }
+# The device call may end before the script does (device time runs out): pack what exists at each
+# step, so a cut-short run still brings back its results.
+pack() { tar czf "$out/gpu-bench.tgz" -C "$work" results logs 2>/dev/null; }
+step() { pack; echo "== $(( $(date +%s) - t0 ))s $*" | tee -a "$logs/steps.log"; }
 left() { echo $(( deadline - $(date +%s) )); }
 
 # start ARM GPU PORT START: launch one server in a session of its own; prints its pid.
@@ -112,7 +116,8 @@ stop() {  # PID...: stop each server's whole session, then wait for it
 rounds() {  # ROUNDS ARM=URL...: ABBA rounds of both loads, in one process
   local numbers=$1; shift
   local arms=(); for a in "$@"; do arms+=(--arm "$a"); done
-  timeout $(( $(left) + 5 )) $py -m benchmarks.rounds --results "$res" --tokenizer "$model" \
+  # VLLM_PLUGINS=none: the load generator imports vLLM, which would otherwise load gemmguard's plugin.
+  VLLM_PLUGINS=none timeout $(( $(left) + 5 )) $py -m benchmarks.rounds --results "$res" --tokenizer "$model" \
     --served-model-name $served --rounds "$numbers" "${arms[@]}" \
     --load "$decode" --load "$prefill" --deadline $(( deadline - 20 )) 2>&1 | tee -a "$logs/rounds.log"
 }
@@ -126,10 +131,12 @@ step versions
   git rev-parse HEAD 2>/dev/null; echo "decode=$decode prefill=$prefill engine=${engine[*]}"
 } > "$res/versions.txt" 2>&1
 
-step "checkpoint (Llama-3-8B shapes, FP8 128x128 blocks, random) on GPU 0"
-# GG_BENCH_CHECKPOINT_ARGS (e.g. "--layers 4") makes a smaller model for a quick look.
-CUDA_VISIBLE_DEVICES=0 $py scripts/gpu_checkpoints.py llama8b "$model" ${GG_BENCH_CHECKPOINT_ARGS:-} \
-  2>&1 | tee -a "$logs/steps.log"
+if [ -z "${GG_BENCH_MODEL:-}" ]; then
+  step "checkpoint (Llama-3-8B shapes, FP8 128x128 blocks, random) on GPU 0"
+  # GG_BENCH_CHECKPOINT_ARGS (e.g. "--layers 4") makes a smaller model for a quick look.
+  CUDA_VISIBLE_DEVICES=0 $py scripts/gpu_checkpoints.py llama8b "$model" ${GG_BENCH_CHECKPOINT_ARGS:-} \
+    2>&1 | tee -a "$logs/steps.log"
+fi
 
 step "start 1: plain on GPU 0, gemmguard on GPU 1 (compiles)"
 t=$(date +%s.%N); p0=$(start plain 0 8100 1); g1=$(start gemmguard 1 8101 1); pids+=("$p0" "$g1")
@@ -163,4 +170,4 @@ stop "${pids[@]}"; pids=()
 $py -m benchmarks.comparison "$res" | tee "$res/summary.md"
 step done
 # The device returns a limited number of files: pack them into one.
-tar czf "$out/gpu-bench.tgz" -C "$work" results logs
+pack
