@@ -115,30 +115,32 @@ def _with(**changes: Any) -> dict[str, Any]:
 
 
 BROKEN = {
-    "missing rtol": (_without("rtol"), r"missing required key\(s\) 'rtol'"),
+    "missing rtol": (_without("rtol"), r"the top level: 'rtol' is a required property"),
     "unknown hardware": (_with(hardware="cuda-hopper"),
-                         r"'hardware' is 'cuda-hopper', which is not a gemmguard hardware target"),
-    "typo in a key": (_with(num_fewshots=5), r"unknown key\(s\) 'num_fewshots'"),
-    "env instead of env_vars": (_with(env={"A": "1"}), r"unknown key\(s\) 'env'"),
-    "rtol of 1 or more": (_with(rtol=1.0), r"'rtol' is 1.0; it is a relative tolerance"),
-    "rtol as text": (_with(rtol="5%"), r"'rtol' has value '5%'; it must be a number"),
+                         r"hardware: 'cuda-hopper' is not one of \['cuda-blackwell'"),
+    "typo in a key": (_with(num_fewshots=5),
+                      r"\('num_fewshots' was unexpected\); allowed keys: apply_chat_template"),
+    "env instead of env_vars": (_with(env={"A": "1"}), r"\('env' was unexpected\)"),
+    "rtol of 1 or more": (_with(rtol=1.0),
+                          r"rtol: 1.0 is greater than or equal to the maximum of 1"),
+    "rtol as text": (_with(rtol="5%"), r"rtol: '5%' is not of type 'number'"),
     "metric without a filter": (
         _with(tasks=[{"name": "gsm8k_local", "metrics": [{"name": "exact_match", "value": 0.8}]}]),
-        r"tasks\[0\]: metrics\[0\]: metric name 'exact_match' is not lm-eval's",
+        r"tasks\[0\].metrics\[0\].name: 'exact_match' does not match .*'<metric>,<filter>'",
     ),
     "score above 1": (
         _with(tasks=[{"name": "t", "metrics": [{"name": "acc,none", "value": 81}]}]),
-        r"'value' is 81.0; expected a score between 0 and 1",
+        r"tasks\[0\].metrics\[0\].value: 81 is greater than the maximum of 1",
     ),
-    "no tasks": (_with(tasks=[]), r"'tasks' must be a non-empty list"),
+    "no tasks": (_with(tasks=[]), r"tasks: \[\] should be non-empty"),
     "measured without measured_with": (
         _with(source={"kind": "measured", "reference": "x"}),
-        r"source.kind is 'measured' but 'measured_with' is missing",
+        r"the top level: 'measured_with' is a required property",
     ),
     "unknown source kind": (_with(source={"kind": "guess", "reference": "x"}),
-                            r"source: 'kind' is 'guess'"),
+                            r"source.kind: 'guess' is not one of \['measured'"),
     "unquoted number in vllm_args": (_with(vllm_args=["--tensor-parallel-size", 2]),
-                                     r"'vllm_args' is .*list of strings"),
+                                     r"vllm_args\[1\]: 2 is not of type 'string' \(quote numbers"),
 }
 
 
@@ -156,7 +158,8 @@ def test_schema_rejects_broken_config(data: dict[str, Any], message: str) -> Non
 def test_loader_names_the_file_in_its_errors(tmp_path: Path) -> None:
     path = tmp_path / "m-cpu.yaml"
     path.write_text(yaml.safe_dump(_without("rtol")))
-    with pytest.raises(UsageError, match=rf"Eval config {path}: missing required key"):
+    with pytest.raises(UsageError, match=rf"Eval config {path} does not match evals/schema.json: "
+                       r"the top level: 'rtol' is a required property"):
         load_config(path)
 
 
@@ -175,3 +178,19 @@ def test_measured_with_accepts_an_unquoted_yaml_date() -> None:
     parsed = yaml.safe_load(yaml.safe_dump(data).replace("'2026-11-24'", "2026-11-24"))
     config = parse_config(parsed)
     assert config.measured_with is not None and config.measured_with.date == "2026-11-24"
+
+
+def test_repeated_metric_names_are_rejected() -> None:
+    metric = {"name": "acc,none", "value": 0.5}
+    with pytest.raises(UsageError, match=r"tasks\[0\].metrics: metric names repeat"):
+        parse_config(_with(tasks=[{"name": "t", "metrics": [metric, metric]}]), "evals/x.yaml")
+
+
+def test_the_loader_reads_its_rules_from_the_schema(monkeypatch: pytest.MonkeyPatch) -> None:
+    from gemmguard.evaluation import config as config_module
+
+    stricter = copy.deepcopy(SCHEMA)
+    stricter["properties"]["rtol"]["maximum"] = 0.01
+    monkeypatch.setattr(config_module, "schema", lambda: stricter)
+    with pytest.raises(UsageError, match=r"rtol: 0.05 is greater than the maximum of 0.01"):
+        parse_config(VALID)

@@ -1,31 +1,55 @@
 """Eval configs: one YAML per model × hardware, loaded into frozen dataclasses and checked strictly.
 
 A config says which model and serving options it is for, which lm-eval tasks to run, the figure
-each metric must reach, the tolerance, and where that figure comes from. Unknown keys are errors,
-so a misspelt key cannot silently fall back to a default.
+each metric must reach, the tolerance, and where that figure comes from. `evals/schema.json` is
+the one statement of what a config may hold: every config is validated against it with
+`jsonschema`, so unknown keys are errors and a misspelt key cannot fall back to a default.
 """
 
 from __future__ import annotations
 
 import datetime
-import re
+import functools
+import json
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import yaml
 
 from gemmguard.errors import UsageError
 
+# The repository's evals/ (configs, tasks, data and the schema): server/gemmguard/evaluation/…
+SCHEMA_FILE = Path(__file__).resolve().parents[3] / "evals" / "schema.json"
+
+
+@functools.cache
+def schema() -> dict[str, Any]:
+    """evals/schema.json, the definition of a valid eval config."""
+    try:
+        loaded: dict[str, Any] = json.loads(SCHEMA_FILE.read_text())
+    except OSError as exc:
+        raise UsageError(
+            f"Cannot read the eval config schema {SCHEMA_FILE}: {exc.strerror}. Evals run from "
+            "a gemmguard checkout (pip install -e '.[eval]'), where evals/schema.json is "
+            "checked in."
+        ) from exc
+    return loaded
+
+
+def _enum(*keys: str) -> tuple[str, ...]:
+    node: Any = schema()
+    for key in keys:
+        node = node[key]
+    return tuple(node["enum"])
+
+
 # The fleet's hardware targets: the same names as images/<target>/ and the chart's profiles.
-HARDWARE_TARGETS = ("cuda-blackwell", "cuda-ampere", "rocm-gfx950", "cpu")
+HARDWARE_TARGETS = _enum("properties", "hardware")
 # measured: run with this config, see measured_with. upstream: a figure someone else published,
 # maybe with another harness. placeholder: no measurement yet; a verdict on it is provisional.
-SOURCE_KINDS = ("measured", "upstream", "placeholder")
-# lm-eval reports metrics as "<metric>,<filter>", e.g. "exact_match,strict-match".
-_METRIC_NAME = re.compile(r"^[A-Za-z0-9_]+,[A-Za-z0-9_.-]+$")
-_TASK_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+SOURCE_KINDS = _enum("properties", "source", "properties", "kind")
 
 
 @dataclass(frozen=True)
@@ -91,169 +115,80 @@ class EvalConfig:
         return metric.value * (1.0 - self.rtol)
 
 
-class _Reader:
-    """Reads one mapping of a config file, naming the file and key in every error."""
-
-    def __init__(self, source: str, where: str, data: object) -> None:
-        self.source = source
-        self.where = where
-        if not isinstance(data, Mapping):
-            self.fail(f"must be a mapping, got {type(data).__name__} {data!r}")
-        self.data: Mapping[str, Any] = data
-
-    def fail(self, message: str) -> NoReturn:
-        raise UsageError(f"Eval config {self.source}: {self.where}{message}.")
-
-    def check_keys(self, required: set[str], optional: set[str]) -> None:
-        unknown = sorted(set(self.data) - required - optional)
-        if unknown:
-            allowed = ", ".join(sorted(required | optional))
-            self.fail(f"unknown key(s) {', '.join(map(repr, unknown))}; allowed keys: {allowed}")
-        missing = sorted(required - set(self.data))
-        if missing:
-            self.fail(f"missing required key(s) {', '.join(map(repr, missing))}")
-
-    def string(self, key: str) -> str:
-        value = self.data[key]
-        if not isinstance(value, str) or not value.strip():
-            self.fail(f"'{key}' has value {value!r}; it must be a non-empty string")
-        return str(value)
-
-    def number(self, key: str) -> float:
-        value = self.data[key]
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            self.fail(f"'{key}' has value {value!r}; it must be a number")
-        return float(value)
-
-    def integer(self, key: str, minimum: int) -> int:
-        value = self.data[key]
-        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            self.fail(f"'{key}' has value {value!r}; it must be an integer >= {minimum}")
-        return int(value)
-
-    def flag(self, key: str) -> bool:
-        value = self.data[key]
-        if not isinstance(value, bool):
-            self.fail(f"'{key}' has value {value!r}; it must be true or false")
-        return bool(value)
-
-    def child(self, key: str, data: object) -> _Reader:
-        return _Reader(self.source, f"{self.where}{key}: ", data)
+def _where(path: Any) -> str:
+    """A JSON path as a reader writes it: tasks[0].metrics[1].name."""
+    text = ""
+    for part in path:
+        text += f"[{part}]" if isinstance(part, int) else f".{part}"
+    return text.lstrip(".") or "the top level"
 
 
-def _metric(reader: _Reader) -> MetricExpectation:
-    reader.check_keys({"name", "value"}, set())
-    name = reader.string("name")
-    if not _METRIC_NAME.match(name):
-        reader.fail(
-            f"metric name '{name}' is not lm-eval's '<metric>,<filter>' form "
-            "(e.g. 'exact_match,strict-match')"
+def _hint(error: Any) -> str:
+    """What to do about one schema violation."""
+    node = error.schema
+    if error.validator == "additionalProperties":
+        return f"; allowed keys: {', '.join(sorted(node.get('properties', {})))}"
+    if error.validator == "type" and "string" in str(node.get("type")):
+        return " (quote numbers in YAML)"
+    description = node.get("description") if error.path else None  # not the whole schema's
+    return f" ({description})" if description else ""
+
+
+def _normalise(data: object) -> object:
+    """YAML reads an unquoted 2026-11-24 as a date; the schema wants its ISO text."""
+    if isinstance(data, Mapping) and isinstance(data.get("measured_with"), Mapping):
+        measured = dict(data["measured_with"])
+        if isinstance(measured.get("date"), datetime.date):
+            measured["date"] = measured["date"].isoformat()
+        return {**data, "measured_with": measured}
+    return data
+
+
+def validate(data: object, source: str = "<config>") -> None:
+    """Check `data` against evals/schema.json; UsageError naming the file, path and rule."""
+    import jsonschema  # the eval extra's; imported here so serving never needs it
+
+    validator = jsonschema.Draft7Validator(schema())
+    errors = sorted(validator.iter_errors(data), key=lambda e: [str(p) for p in e.path])
+    if errors:
+        lines = [f"{_where(e.path)}: {e.message}{_hint(e)}" for e in errors]
+        raise UsageError(
+            f"Eval config {source} does not match evals/schema.json: " + "; ".join(lines)
+            + ". Fix the config (evals/schema.json describes every key)."
         )
-    value = reader.number("value")
-    if not 0.0 <= value <= 1.0:
-        reader.fail(f"'value' is {value}; expected a score between 0 and 1")
-    return MetricExpectation(name, value)
-
-
-def _task(reader: _Reader) -> TaskExpectation:
-    reader.check_keys({"name", "metrics"}, set())
-    name = reader.string("name")
-    if not _TASK_NAME.match(name):
-        reader.fail(f"task name '{name}' may hold only letters, digits, '_', '.' and '-'")
-    metrics = reader.data["metrics"]
-    if not isinstance(metrics, list) or not metrics:
-        reader.fail("'metrics' must be a non-empty list of {name, value}")
-    parsed = tuple(_metric(reader.child(f"metrics[{i}]", m)) for i, m in enumerate(metrics))
-    names = [m.name for m in parsed]
-    if len(set(names)) != len(names):
-        reader.fail(f"metric names repeat: {names}")
-    return TaskExpectation(name, parsed)
-
-
-def _source(reader: _Reader) -> Source:
-    reader.check_keys({"kind", "reference"}, set())
-    kind = reader.string("kind")
-    if kind not in SOURCE_KINDS:
-        reader.fail(f"'kind' is '{kind}'; it must be one of {', '.join(SOURCE_KINDS)}")
-    return Source(kind, reader.string("reference"))
-
-
-def _measured_with(reader: _Reader) -> MeasuredWith:
-    reader.check_keys({"vllm", "hardware", "date"}, {"gemmguard"})
-    date = reader.data["date"]
-    # YAML reads an unquoted 2026-11-24 as a date; accept it and keep the ISO text.
-    if isinstance(date, datetime.date):
-        date = date.isoformat()
-    if not isinstance(date, str) or not re.match(r"^\d{4}-\d{2}-\d{2}$", date):
-        reader.fail(f"'date' is {date!r}; write it as YYYY-MM-DD")
-    gemmguard = reader.string("gemmguard") if "gemmguard" in reader.data else None
-    return MeasuredWith(reader.string("vllm"), reader.string("hardware"), str(date), gemmguard)
-
-
-_REQUIRED = {"model_name", "hardware", "tasks", "rtol", "num_fewshot", "source"}
-_OPTIONAL = {f.name for f in fields(EvalConfig)} - _REQUIRED - {"path"}
 
 
 def parse_config(data: object, source: str = "<config>", path: Path | None = None) -> EvalConfig:
-    """Check a config mapping and turn it into an EvalConfig; raise UsageError naming the fault."""
-    top = _Reader(source, "", data)
-    top.check_keys(_REQUIRED, _OPTIONAL)
-    hardware = top.string("hardware")
-    if hardware not in HARDWARE_TARGETS:
-        top.fail(
-            f"'hardware' is '{hardware}', which is not a gemmguard hardware target; "
-            f"use one of {', '.join(HARDWARE_TARGETS)}"
-        )
-    tasks = top.data["tasks"]
-    if not isinstance(tasks, list) or not tasks:
-        top.fail("'tasks' must be a non-empty list of {name, metrics}")
-    parsed_tasks = tuple(_task(top.child(f"tasks[{i}]", t)) for i, t in enumerate(tasks))
-    rtol = top.number("rtol")
-    if not 0.0 <= rtol < 1.0:
-        top.fail(f"'rtol' is {rtol}; it is a relative tolerance and must be in [0, 1)")
-    src = _source(top.child("source", top.data["source"]))
-    measured = top.data.get("measured_with")
-    measured_with = (
-        None if measured is None else _measured_with(top.child("measured_with", measured))
+    """Validate a config mapping and turn it into an EvalConfig; UsageError names the fault."""
+    data = _normalise(data)
+    validate(data, source)
+    assert isinstance(data, Mapping)  # validated: the schema's top level is an object
+    tasks = tuple(
+        TaskExpectation(t["name"], tuple(MetricExpectation(m["name"], float(m["value"]))
+                                         for m in t["metrics"]))
+        for t in data["tasks"]
     )
-    if src.kind == "measured" and measured_with is None:
-        top.fail("source.kind is 'measured' but 'measured_with' is missing; say what it ran on")
-    if src.kind != "measured" and measured_with is not None:
-        top.fail(
-            f"source.kind is '{src.kind}' but 'measured_with' is set; "
-            "set kind to 'measured' or remove measured_with"
-        )
-    limit = top.data.get("limit")
-    if limit is not None:
-        limit = top.integer("limit", 1)
-    max_model_len = top.data.get("max_model_len")
-    if max_model_len is not None:
-        max_model_len = top.integer("max_model_len", 1)
-    vllm_args = top.data.get("vllm_args", [])
-    if not isinstance(vllm_args, list) or not all(isinstance(a, str) for a in vllm_args):
-        top.fail(f"'vllm_args' is {vllm_args!r}; it must be a list of strings (quote numbers)")
-    env_vars = top.data.get("env_vars", {})
-    if not isinstance(env_vars, Mapping) or not all(
-        isinstance(k, str) and isinstance(v, str) for k, v in env_vars.items()
-    ):
-        top.fail(f"'env_vars' is {env_vars!r}; it must map names to strings (quote numbers)")
-    gen_kwargs = top.data.get("gen_kwargs", {})
-    if not isinstance(gen_kwargs, Mapping):
-        top.fail(f"'gen_kwargs' is {gen_kwargs!r}; it must be a mapping")
+    for i, task in enumerate(tasks):  # the one rule JSON Schema cannot say: unique names
+        names = [m.name for m in task.metrics]
+        if len(set(names)) != len(names):
+            raise UsageError(f"Eval config {source}: tasks[{i}].metrics: metric names repeat: "
+                             f"{names}. Give each metric once.")
+    measured = data.get("measured_with")
     return EvalConfig(
-        model_name=top.string("model_name"),
-        hardware=hardware,
-        tasks=parsed_tasks,
-        rtol=rtol,
-        num_fewshot=top.integer("num_fewshot", 0),
-        source=src,
-        limit=limit,
-        measured_with=measured_with,
-        apply_chat_template="apply_chat_template" in top.data and top.flag("apply_chat_template"),
-        max_model_len=max_model_len,
-        vllm_args=tuple(vllm_args),
-        env_vars=dict(env_vars),
-        gen_kwargs=dict(gen_kwargs),
+        model_name=data["model_name"],
+        hardware=data["hardware"],
+        tasks=tasks,
+        rtol=float(data["rtol"]),
+        num_fewshot=data["num_fewshot"],
+        source=Source(data["source"]["kind"], data["source"]["reference"]),
+        limit=data.get("limit"),
+        measured_with=None if measured is None else MeasuredWith(
+            measured["vllm"], measured["hardware"], measured["date"], measured.get("gemmguard")),
+        apply_chat_template=data.get("apply_chat_template", False),
+        max_model_len=data.get("max_model_len"),
+        vllm_args=tuple(data.get("vllm_args", ())),
+        env_vars=dict(data.get("env_vars", {})),
+        gen_kwargs=dict(data.get("gen_kwargs", {})),
         path=path,
     )
 
