@@ -36,3 +36,15 @@ def test_real_vllm_fp8_block_key_is_named_fp8_block() -> None:
     key = create_fp8_quant_key(static=True, group_shape=GroupShape(128, 128))
     kernel = SimpleNamespace(config=SimpleNamespace(weight_quant_key=key))
     assert scheme_of(kernel, None) == "fp8-block"
+
+
+def test_linear_row_names_the_scheme_of_a_method_without_a_kernel_object() -> None:
+    """vLLM 0.26's NVFP4 scheme keeps a backend string and no kernel: named from the layer."""
+    from gemmguard.inventory import report
+
+    holder = type("CompressedTensorsW4A4Fp4", (), {"backend": "marlin"})()
+    module = SimpleNamespace(
+        scheme=holder, quant_method=SimpleNamespace(apply=lambda *a: None),
+        weight_packed=torch.zeros(4, 8, dtype=torch.uint8),
+        weight_scale=torch.zeros(4, 1, dtype=torch.float8_e4m3fn))
+    assert report.linear_row("l", module, "linear")["scheme"] == "nvfp4"

@@ -168,7 +168,7 @@ def linear_row(name: str, module: Any, layer_type: str) -> dict[str, Any]:
     if kernel is not None:
         selection = selection_for_config(kernel.config)
         return _row(name, layer_type, holder or method, kernel_name(kernel),
-                    scheme_of(kernel, weight), selection)
+                    scheme_of(kernel, weight, module), selection)
     # Unquantized: vLLM keeps the GEMM function; on CPU the branch is set per layer.
     layer_selection = selection_for_layer(module)
     if layer_selection is not None:
@@ -179,7 +179,8 @@ def linear_row(name: str, module: Any, layer_type: str) -> dict[str, Any]:
         chosen = cpu_gemm_name(module.cpu_linear)
     else:
         chosen = _function_name(getattr(method, "_gemm_impl", None) or method.apply)
-    return _row(name, layer_type, method, chosen, scheme_of(None, weight), layer_selection)
+    return _row(name, layer_type, method, chosen, scheme_of(None, weight, module),
+                layer_selection)
 
 
 def moe_row(name: str, module: Any) -> dict[str, Any]:

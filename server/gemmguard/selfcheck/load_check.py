@@ -118,7 +118,7 @@ class LayerCheck:
         holder = getattr(self.module, "scheme", None)
         kernel = report.kernel_of(holder) if holder is not None else None
         kernel = kernel or report.kernel_of(self.module.quant_method)
-        scheme = report.scheme_of(kernel, getattr(self.module, "weight", None))
+        scheme = report.scheme_of(kernel, getattr(self.module, "weight", None), self.module)
         return sample.capture_linear(self.name, self.module, kernel, scheme)
 
     def _measure(self, taken: Any, kernel: str) -> LayerResult:

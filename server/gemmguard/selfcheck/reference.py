@@ -125,8 +125,10 @@ def _moe(sample: MoeSample, x: torch.Tensor, topk_weights: torch.Tensor,
             continue
         scale = (weights * hit).sum(dim=1)[tokens].unsqueeze(1)
         xt = xf[tokens]
+        act13, act2 = sample.expert_activations.get(expert,
+                                                    (sample.activation, sample.activation))
         if scheme_rounding:
-            xt = quantize_activations(xt, sample.activation)
+            xt = quantize_activations(xt, act13)
         w13 = sample.w13[expert]
         half = w13.shape[0] // 2
         h = xt @ w13.t()
@@ -139,7 +141,7 @@ def _moe(sample: MoeSample, x: torch.Tensor, topk_weights: torch.Tensor,
         if "inter" in points:
             inter = convert(inter, sample.out_dtype, mode)
         if scheme_rounding:
-            inter = quantize_activations(inter, sample.activation)
+            inter = quantize_activations(inter, act2)
         down = inter @ sample.w2[expert].t()
         if "down" in points:
             down = convert(down, sample.out_dtype, mode)

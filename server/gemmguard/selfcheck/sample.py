@@ -14,7 +14,7 @@ rows of its down projection.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -58,6 +58,8 @@ class MoeSample:
     activation: Activation
     out_dtype: torch.dtype
     hidden: int = 0
+    # local expert → (its w13 input, its w2 input) quantization, where experts differ (NVFP4)
+    expert_activations: dict[int, tuple[Activation, Activation]] = field(default_factory=dict)
 
     def nbytes(self) -> int:
         return sum(t.numel() * 4 for t in (*self.w13.values(), *self.w2.values()))
@@ -119,21 +121,30 @@ def choose_experts(magnitude: torch.Tensor, count: int, seed: int = 0) -> list[i
 
 
 def capture_moe(name: str, module: Any, seed: int = 0) -> MoeSample:
-    """Sample an MoE layer's experts from the checkpoint; raises `schemes.Unchecked`."""
+    """Sample an MoE layer's experts from the checkpoint; raises `schemes.Unchecked`.
+
+    Works from the format's view of the experts, so packed experts (4-bit words, fp4 bytes),
+    whose tensors have no plain (E, 2I, H) shape, are sampled as well as unpacked ones.
+    """
     scheme = schemes.moe_scheme(module)
     fmt = schemes.moe_format(scheme, module)
-    w13 = getattr(module, "w13_weight", None)
-    if not isinstance(w13, torch.Tensor) or w13.dim() != 3:
-        raise schemes.Unchecked("weights do not match the declared scheme: no 3-D w13_weight")
-    n_local = int(w13.shape[0])
+    magnitude = fmt.expert_magnitude(module)
+    n_local = int(magnitude.numel())
+    if n_local == 0:
+        raise schemes.Unchecked("weights do not match the declared scheme: no experts")
     top_k = int(getattr(module, "top_k", 0) or getattr(module, "num_experts_per_tok", 0) or 1)
-    experts = choose_experts(fmt.expert_magnitude(module), max(MOE_EXPERTS, top_k + 1), seed)
+    experts = choose_experts(magnitude, max(MOE_EXPERTS, top_k + 1), seed)
     global_ids = _local_to_global(module, n_local)
-    hidden = int(getattr(module, "hidden_size", 0) or w13.shape[-1])
-    w2 = module.w2_weight
-    rows = sample_rows(int(w2.shape[1]))
-    rows = rows[rows < hidden] if hidden else rows
-    sample = MoeSample(
+    hidden = _hidden_size(module)
+    rows = sample_rows(hidden)
+    # NVFP4 experts carry a global input scale each: their activations are quantized by it.
+    per_expert = getattr(fmt, "expert_activation", None)
+    activations = {e: (per_expert(module, e, "w13"), per_expert(module, e, "w2"))
+                   for e in experts} if callable(per_expert) else {}
+    w13 = getattr(module, "w13_weight", None)
+    floating = isinstance(w13, torch.Tensor) and w13.dtype.is_floating_point and \
+        w13.element_size() > 1
+    return MoeSample(
         layer=name, scheme=scheme, experts=experts,
         global_ids=[global_ids[e] for e in experts],
         num_experts=int(getattr(module, "global_num_experts", 0) or n_local),
@@ -141,8 +152,18 @@ def capture_moe(name: str, module: Any, seed: int = 0) -> MoeSample:
         w13={e: fmt.w13(module, e) for e in experts},
         w2={e: fmt.w2_rows(module, e, rows) for e in experts},
         rows=rows, activation=fmt.activation(module),
-        out_dtype=_out_dtype(module, None) if w13.dtype.is_floating_point and
-        w13.element_size() == 1 else _out_dtype(module, w13),
-        hidden=hidden,
+        out_dtype=_out_dtype(module, w13 if floating else None),
+        hidden=hidden, expert_activations=activations,
     )
-    return sample
+
+
+def _hidden_size(module: Any) -> int:
+    """The layer's hidden size (the down projection's output rows)."""
+    hidden = getattr(module, "hidden_size", None)
+    if isinstance(hidden, int) and hidden > 0:
+        return hidden
+    w2 = getattr(module, "w2_weight", None)
+    if isinstance(w2, torch.Tensor) and w2.dim() == 3:
+        return int(w2.shape[1])
+    raise schemes.Unchecked("weights do not match the declared scheme: no hidden_size and no "
+                            "3-D w2_weight")

@@ -1,0 +1,69 @@
+"""Sampling an MoE layer's checkpoint experts, packed ones included, before vLLM post-processes."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from compressed_tensors.compressors import NVFP4PackedCompressor, PackedQuantizationCompressor
+
+from gemmguard.selfcheck import reference, sample, schemes
+from gemmguard.selfcheck.schemes import Activation, Unchecked
+from test_selfcheck_schemes import INTER, Layer, _experts, _stack
+
+H = 256
+
+
+def test_packed_4_bit_experts_are_sampled_without_a_3d_w13_weight() -> None:
+    w13, _ = _experts("W4A16", PackedQuantizationCompressor, 2 * INTER, H, 10)
+    w2, _ = _experts("W4A16", PackedQuantizationCompressor, H, INTER, 20)
+    method = SimpleNamespace(num_bits=4, group_size=128, wna16_backend="CPU")
+    layer = Layer(quant_method=method, hidden_size=H, intermediate_size_per_partition=INTER,
+                  top_k=2, **_stack(w13, "w13"), **_stack(w2, "w2"))
+    assert not hasattr(layer, "w13_weight") and not hasattr(layer, "w2_weight")
+    taken = sample.capture_moe("mlp.experts", layer)
+    fmt = schemes.moe_format("w4a16-g128", layer)
+    assert taken.scheme == "w4a16-g128" and taken.hidden == H
+    assert taken.experts[1] == 2  # the largest-scale expert (planted ×10) is always sampled
+    assert len(taken.experts) == 4 and taken.num_experts == 4
+    assert torch.equal(taken.rows, sample.sample_rows(H))
+    for expert in taken.experts:
+        assert torch.equal(taken.w13[expert], fmt.w13(layer, expert))
+        assert torch.equal(taken.w2[expert], fmt.w2_rows(layer, expert, taken.rows))
+    assert taken.out_dtype == torch.bfloat16 and taken.expert_activations == {}
+
+
+def test_nvfp4_experts_keep_each_experts_input_scales_in_the_sample_and_the_ideal() -> None:
+    gate, _ = _experts("NVFP4", NVFP4PackedCompressor, INTER, H, 40)
+    up, _ = _experts("NVFP4", NVFP4PackedCompressor, INTER, H, 50)
+    down, _ = _experts("NVFP4", NVFP4PackedCompressor, H, INTER, 60)
+    w13 = [{k: torch.cat([g[k], u[k]]) for k in g} for g, u in zip(gate, up, strict=True)]
+    stacked = _stack(w13, "w13")
+    stacked["w13_weight_global_scale"] = stacked["w13_weight_global_scale"].reshape(4, 2)
+    method = SimpleNamespace(nvfp4_backend=SimpleNamespace(value="FLASHINFER_CUTLASS"))
+    layer = Layer(quant_method=method, hidden_size=H, top_k=1,
+                  w13_input_global_scale=torch.tensor([[100.0, 100.0], [80.0, 90.0],
+                                                       [70.0, 70.0], [60.0, 65.0]]),
+                  w2_input_global_scale=torch.tensor([40.0, 30.0, 20.0, 10.0]),
+                  **stacked, **_stack(down, "w2"))
+    taken = sample.capture_moe("mlp.experts", layer)
+    assert taken.scheme == "nvfp4"
+    assert taken.expert_activations[1] == (Activation("group", 16, 90.0, "nvfp4"),
+                                           Activation("group", 16, 30.0, "nvfp4"))
+    # The ideal quantizes each expert's inputs by that expert's own global scale.
+    x = torch.randn(2, H, generator=torch.Generator().manual_seed(0)).bfloat16()
+    ids = torch.tensor([[1], [1]])
+    weights = torch.ones(2, 1)
+    own = reference.moe_ideal(taken, x, weights, ids)
+    taken.expert_activations = {}
+    shared = reference.moe_ideal(taken, x, weights, ids)
+    assert not torch.equal(own, shared)
+
+
+def test_experts_without_a_hidden_size_or_a_3d_down_weight_are_unchecked() -> None:
+    w13, _ = _experts("W4A16", PackedQuantizationCompressor, 2 * INTER, H, 10)
+    layer = Layer(quant_method=SimpleNamespace(num_bits=4, group_size=128),
+                  **_stack(w13, "w13"))
+    with pytest.raises(Unchecked, match="no hidden_size"):
+        sample.capture_moe("mlp.experts", layer)
