@@ -121,3 +121,40 @@ def test_cli_unsupported_option_ends_with_one_line(tmp_path: Path) -> None:
         line for line in errors if line.startswith("gemmguard serve: error: unrecognized arguments")
     ]
     assert len(errors) == 1 and "--no-such-option" in errors[0]
+
+
+def test_a_config_file_sets_the_port_the_check_tests(tmp_path: Path) -> None:
+    config = tmp_path / "serve.yaml"
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        config.write_text(f"host: 127.0.0.1\nport: {port}\n")
+        with pytest.raises(ServeError, match=f"Port {port} on 127.0.0.1 is already in use"):
+            _plan(["--config", str(config)], tmp_path)
+        free = free_port()  # the command line wins over the file, as in vLLM
+        plan = _plan(["--config", str(config), "--port", str(free)], tmp_path)
+    assert plan.port == free and plan.base_url == f"http://127.0.0.1:{free}"
+    config.write_text(f"port: {free}\nmax_model_len: 512\n")
+    assert _plan(["--config", str(config)], tmp_path).port == free
+
+
+def test_underscore_spellings_are_read_as_vllm_reads_them(tmp_path: Path) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        with pytest.raises(ServeError, match=f"Port {port} on 127.0.0.1 is already in use"):
+            _plan(["--max_model_len", "512", "--host", "127.0.0.1", "--port", str(port)],
+                  tmp_path)
+    model = write_demo_model(tmp_path / "m")
+    plan = _plan([str(model), "--max_model_len", "512", "--served_model_name", "mine",
+                  "--port", str(free_port())], tmp_path)
+    assert plan.served_name == "mine" and plan.vllm_args[:2] == ["--max_model_len", "512"]
+
+
+def test_a_worker_extension_in_a_config_file_is_refused(tmp_path: Path) -> None:
+    config = tmp_path / "serve.yaml"
+    config.write_text("worker_extension_cls: x.Y\n")
+    with pytest.raises(UsageError, match="worker-extension-cls is set by gemmguard serve"):
+        _plan(["--config", str(config), "--port", str(free_port())], tmp_path)

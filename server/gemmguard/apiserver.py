@@ -8,9 +8,10 @@ that lookup. Run as `python -m gemmguard.apiserver [vLLM serve arguments]`.
 from __future__ import annotations
 
 import sys
-from typing import Any, NoReturn
+from typing import NoReturn
 
 from gemmguard import vllm_adapter
+from gemmguard.vllm_adapter.serve_args import serve_parser
 
 
 def _one_line_error_parser(base: type) -> type:
@@ -32,10 +33,7 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     vllm_adapter.cli_env_setup()()
     parser_cls = _one_line_error_parser(vllm_adapter.flexible_argument_parser())
-    parser: Any = parser_cls(prog="gemmguard serve")
-    subparsers = parser.add_subparsers(dest="subparser", parser_class=parser_cls)
-    command = vllm_adapter.serve_subcommand()()
-    command.subparser_init(subparsers).set_defaults(dispatch_function=command.cmd)
+    parser, command = serve_parser(parser_cls)  # the parser gemmguard serve checked with
     args = parser.parse_args(["serve", *argv])
     vllm_adapter.configure_logging_from_args()(args)
     command.validate(args)

@@ -29,6 +29,7 @@ from gemmguard.config import POLICIES, PREFIX, UNCHECKED_POLICIES, settings
 from gemmguard.demo.store import DEMO_SERVED_NAME, demo_model_path, ensure_demo_model
 from gemmguard.endpoints import PLUGIN_NAME
 from gemmguard.errors import ServeError, UsageError
+from gemmguard.vllm_adapter.serve_args import parse_serve_args
 from gemmguard.worker import EXTENSION_CLS
 
 GENERAL_PLUGIN = "gemmguard"
@@ -37,7 +38,6 @@ GENERAL_PLUGIN = "gemmguard"
 VLLM_OWN_PLUGINS = ("lora_filesystem_resolver", "lora_hf_hub_resolver")
 # KV cache for the CPU engine, in GiB: vLLM's default reserves far more than a 2-core box has.
 CPU_KVCACHE_GIB = "1"
-DEFAULT_PORT = 8000
 
 
 @dataclass
@@ -191,12 +191,6 @@ def plan_serve(argv: list[str], environ: dict[str, str] | None = None) -> ServeP
         model = _option_value(vllm_args, "--model")
         if model is not None:
             vllm_args = [a for i, a in enumerate(vllm_args) if not _is_model_option(vllm_args, i)]
-    if _option_value(vllm_args, "--worker-extension-cls") is not None:
-        raise UsageError(
-            "--worker-extension-cls is set by gemmguard serve itself (gemmguard's worker "
-            "extension gathers the kernel reports); remove it from the command line."
-        )
-
     env = dict(os.environ if environ is None else environ)
     cfg = settings(env)
     is_demo = model is None
@@ -207,18 +201,22 @@ def plan_serve(argv: list[str], environ: dict[str, str] | None = None) -> ServeP
     else:
         _check_model(model)
 
-    served_name = _option_value(vllm_args, "--served-model-name")
-    if served_name is None:
+    # vLLM's own parser: --config files, --max_model_len spellings, its defaults and types.
+    vllm_opts = parse_serve_args([model, *vllm_args])
+    if vllm_opts.worker_extension_cls:
+        raise UsageError(
+            "--worker-extension-cls is set by gemmguard serve itself (gemmguard's worker "
+            "extension gathers the kernel reports); remove it from the command line or --config."
+        )
+    served_names = vllm_opts.served_model_name
+    if served_names:
+        served_name = str(served_names[0])
+    else:
         served_name = DEMO_SERVED_NAME if is_demo else model
         if is_demo:
             vllm_args += ["--served-model-name", DEMO_SERVED_NAME]
 
-    port_text = _option_value(vllm_args, "--port")
-    try:
-        port = int(port_text) if port_text is not None else DEFAULT_PORT
-    except ValueError as exc:
-        raise UsageError(f"--port has value '{port_text}'; it must be an integer.") from exc
-    host = _option_value(vllm_args, "--host")
+    host, port = vllm_opts.host or None, int(vllm_opts.port)
     _check_port(host, port)
 
     vllm_args += ["--worker-extension-cls", EXTENSION_CLS]
