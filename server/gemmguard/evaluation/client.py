@@ -1,13 +1,20 @@
-"""A small JSON client for a running gemmguard (or any vLLM OpenAI-compatible) server."""
+"""The eval commands' client of a running gemmguard (or any vLLM OpenAI-compatible) server.
+
+The OpenAI SDK does the HTTP: `/v1/*` through its typed API, gemmguard's own routes through
+the same client's plain `get`. Every failure becomes a UsageError naming the URL and the fix.
+"""
 
 from __future__ import annotations
 
-import json
-import urllib.error
-import urllib.request
-from typing import Any
+import os
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import openai
 
 from gemmguard.errors import UsageError
+
+T = TypeVar("T")
 
 
 def normalize_base_url(url: str) -> str:
@@ -24,46 +31,54 @@ def normalize_base_url(url: str) -> str:
 
 
 class ServerClient:
-    """GET and POST JSON against one server; every failure names the URL and what to check."""
+    """One server's OpenAI API and gemmguard routes; every failure names the URL and a fix."""
 
     def __init__(self, base_url: str, timeout_s: float = 600.0) -> None:
         self.base_url = normalize_base_url(base_url)
         self.timeout_s = timeout_s
+        # vLLM accepts any key unless started with --api-key; OPENAI_API_KEY passes one on.
+        key = os.environ.get("OPENAI_API_KEY") or "EMPTY"
+        self.openai = openai.OpenAI(base_url=f"{self.base_url}/v1", api_key=key,
+                                    timeout=timeout_s, max_retries=0)
+        self._root = openai.OpenAI(base_url=self.base_url, api_key=key, timeout=timeout_s,
+                                   max_retries=0)
 
-    def _request(self, path: str, body: dict[str, Any] | None = None) -> Any:
+    def _call(self, path: str, request: Callable[[], T]) -> T:
         url = self.base_url + path
-        data = None if body is None else json.dumps(body).encode()
-        request = urllib.request.Request(url, data=data, method="GET" if body is None else "POST")
-        request.add_header("Content-Type", "application/json")
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
-                return json.loads(response.read())
-        except urllib.error.HTTPError as exc:
-            detail = exc.read().decode(errors="replace")[:500]
-            raise UsageError(f"{url} answered HTTP {exc.code}: {detail}") from exc
-        except (urllib.error.URLError, OSError) as exc:
-            reason = getattr(exc, "reason", exc)
+            return request()
+        except openai.APIStatusError as exc:
+            detail = exc.response.text[:500]
+            raise UsageError(f"{url} answered HTTP {exc.status_code}: {detail}") from exc
+        except openai.APIConnectionError as exc:
+            reason = exc.__cause__ or exc
             raise UsageError(
                 f"Cannot reach {url}: {reason}. Start the server (gemmguard serve) "
                 "or fix the URL."
             ) from exc
-        except json.JSONDecodeError as exc:
-            raise UsageError(
-                f"{url} did not answer with JSON ({exc}); is it a vLLM server?"
-            ) from exc
+        except openai.APIResponseValidationError as exc:
+            raise UsageError(f"{url} did not answer as the OpenAI API does ({exc}); is it a "
+                             "vLLM server?") from exc
 
     def get(self, path: str) -> Any:
-        """GET `path` and decode the JSON answer."""
-        return self._request(path)
+        """GET a route outside /v1 (gemmguard's own) and decode its JSON answer."""
+        return self._call(path, lambda: self._root.get(path, cast_to=object))
 
-    def post(self, path: str, body: dict[str, Any]) -> Any:
-        """POST `body` as JSON to `path` and decode the JSON answer."""
-        return self._request(path, body)
+    def completion(self, model: str, prompt: str, max_tokens: int,
+                   top_logprobs: int) -> Any:
+        """A greedy completion with the top log-probabilities at every generated position."""
+        return self._call("/v1/completions", lambda: self.openai.completions.create(
+            model=model, prompt=prompt, max_tokens=max_tokens, temperature=0,
+            logprobs=top_logprobs,
+            # vLLM: name tokens by id, since distinct ids can decode to the same text
+            # (byte-level pieces all show as U+FFFD) and would collide as map keys.
+            extra_body={"return_tokens_as_token_ids": True},
+        ))
 
     def served_models(self) -> list[dict[str, Any]]:
-        """The model entries of GET /v1/models."""
-        body = self.get("/v1/models")
-        return [m for m in body.get("data", []) if isinstance(m, dict)]
+        """The model entries of GET /v1/models (vLLM's extra fields, e.g. `root`, included)."""
+        page = self._call("/v1/models", lambda: self.openai.models.list())
+        return [model.model_dump() for model in page.data]
 
     def build(self) -> dict[str, Any] | None:
         """gemmguard's build report of the server, or None when it is not a gemmguard server."""

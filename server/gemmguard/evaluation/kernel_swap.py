@@ -59,23 +59,13 @@ def generate(
     client: ServerClient, model: str, prompt: str, max_tokens: int, top_logprobs: int
 ) -> list[Step]:
     """Greedy completion of `prompt` with the top log-probabilities at every generated position."""
-    body = client.post(
-        "/v1/completions",
-        {
-            "model": model,
-            "prompt": prompt,
-            "max_tokens": max_tokens,
-            "temperature": 0,
-            "logprobs": top_logprobs,
-            # vLLM: name tokens by id, since distinct ids can decode to the same text
-            # (byte-level pieces all show as U+FFFD) and would collide as map keys.
-            "return_tokens_as_token_ids": True,
-        },
-    )
+    completion = client.completion(model, prompt, max_tokens, top_logprobs)
     try:
-        logprobs = body["choices"][0]["logprobs"]
-        tokens, tops = logprobs["tokens"], logprobs["top_logprobs"]
-    except (KeyError, IndexError, TypeError) as exc:
+        logprobs = completion.choices[0].logprobs
+        tokens, tops = logprobs.tokens, logprobs.top_logprobs
+        if tokens is None or tops is None:
+            raise TypeError("tokens or top_logprobs is null")
+    except (AttributeError, IndexError, TypeError) as exc:
         raise UsageError(
             f"{client.base_url}/v1/completions answered without logprobs ({exc!r}); "
             "the kernel-swap eval needs an OpenAI completions API that returns them."
