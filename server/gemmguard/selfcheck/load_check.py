@@ -10,7 +10,8 @@ torch.compile and CUDA-graph capture), and then acts on the verdict by the polic
 - `fallback`: swap the layer's kernel in place for the fastest candidate of vLLM's own
   chooser that passes (the failing one turned down with reason `selfcheck`), re-running the
   post-processing from the layer's kept checkpoint tensors. A kernel that cannot be swapped
-  in place, or a layer for which no candidate passes, refuses start-up.
+  in place (MoE experts, mixed-precision kernels), or a layer for which no candidate passes,
+  refuses start-up: there is no restart, the report names the kernels to deny.
 - `fail`: refuse start-up with the report.
 
 Refusing raises `SelfcheckFailed` in the loader, so the engine never serves, and leaves the
@@ -148,6 +149,9 @@ class LayerCheck:
             self.post_process = post_process
 
     def _run(self) -> None:
+        # The check's own time: sampling, keeping the tensors, measuring and replacing; not
+        # vLLM's first post-processing of the layer, which runs with or without gemmguard.
+        start = time.perf_counter()
         try:
             taken, reason = self._capture(), ""
         except schemes.Unchecked as exc:
@@ -156,8 +160,9 @@ class LayerCheck:
         slot = replacement.slot_of(self.module) if self.layer_type != "moe" else None
         kept = replacement.KeptTensors.of(self.module) \
             if taken is not None and policy == "fallback" and slot is not None else None
-        start = time.perf_counter()
+        vllm_start = time.perf_counter()
         self.post_process(self.module)
+        vllm_seconds = time.perf_counter() - vllm_start
         kernel, scheme = self._kernel_and_scheme()
         if taken is None:
             result = measure.unchecked(self.name, self.layer_type, kernel, scheme, reason)
@@ -173,8 +178,25 @@ class LayerCheck:
                                            f"check failed: {type(exc).__name__}: {exc}"[:300])
             if result.verdict in FAILING and kept is not None and slot is not None:
                 result = self._replace(taken, result, slot, kept)
-        self.check.seconds += time.perf_counter() - start
+            elif result.verdict in FAILING and policy == "fallback":
+                self._unswappable(result)
+        self.check.seconds += time.perf_counter() - start - vllm_seconds
         self.check.layers.append(result)
+
+    def _unswappable(self, rejected: LayerResult) -> None:
+        """Record that this layer's failing kernel has no in-place replacement: start-up refuses.
+
+        There is no restart to fall back on; the refusal's report names the kernel to deny.
+        """
+        rejected.replacement = {
+            "rejected": rejected.kernel, "rejected_verdict": rejected.verdict,
+            "rejected_excess_bits": rejected.excess_bits, "rejected_bits": rejected.bits,
+            "candidates": [], "kernel": None, "swappable": False}
+        rejected.reason = (f"{rejected.kernel} cannot be swapped in place (a {self.layer_type} "
+                           "kernel gemmguard cannot rebuild yet); start again with --deny-kernel "
+                           f"{_kernel_classes(rejected.kernel)[0]}")
+        logger.warning("gemmguard: %s: %s %s; %s", self.name, rejected.kernel, rejected.verdict,
+                       rejected.reason)
 
     def _replace(self, taken: Any, rejected: LayerResult, slot: replacement.KernelSlot,
                  kept: replacement.KeptTensors) -> LayerResult:
@@ -296,8 +318,14 @@ def refusal(check: RankCheck) -> str:
         if config.policy == "fail":
             reasons.append(f"{len(failing)} layer(s) failed the self-check (policy fail)")
         else:
-            reasons.append(f"{len(failing)} layer(s) failed and no kernel vLLM offers could "
-                           "replace theirs in place")
+            fixed = [r for r in failing if (r.replacement or {}).get("swappable") is False]
+            if fixed:
+                reasons.append(f"{len(fixed)} layer(s) failed with a kernel that cannot be "
+                               "swapped in place (" + ", ".join(
+                                   sorted({r.kernel for r in fixed})) + ")")
+            if len(fixed) < len(failing):
+                reasons.append(f"{len(failing) - len(fixed)} layer(s) failed and no kernel "
+                               "vLLM offers could replace theirs in place")
     if unchecked and config.unchecked == "fail":
         reasons.append(f"{len(unchecked)} layer(s) could not be checked (--selfcheck-unchecked "
                        "fail): " + ", ".join(f"{r.layer} ({r.reason})" for r in unchecked[:5]))
