@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import inspect
 
 import pytest
 import vllm
@@ -46,3 +47,24 @@ def test_model_structure_lookups_are_classes_isinstance_accepts() -> None:
     assert all(isinstance(c, type) for c in classes)
     assert vllm_adapter.moe_layer_classes()  # RoutedExperts
     assert not isinstance(object(), vllm_adapter.moe_layer_classes())
+
+
+def test_the_data_parallel_client_can_address_each_engine() -> None:
+    # collective_rpc_every_engine relies on these: engine 0's answer alone is what the client's
+    # own collective_rpc returns under data parallelism (the e2e DP test proves the path).
+    from vllm.v1.engine.core_client import AsyncMPClient, DPLBAsyncMPClient
+
+    assert issubclass(DPLBAsyncMPClient, AsyncMPClient)
+    assert callable(AsyncMPClient.call_utility_all_async)
+    assert "engine" in inspect.signature(AsyncMPClient._call_utility_async).parameters
+
+
+def test_ranks_of_two_data_parallel_engines_never_share_a_number() -> None:
+    # vLLM resets data_parallel_rank to 0 in each engine of a dense model; the index stays.
+    from vllm.config import ParallelConfig
+
+    config = ParallelConfig(tensor_parallel_size=2)
+    config.reconfigure_for_independent_dp_rank()
+    config.data_parallel_index = 1
+    assert vllm_adapter.data_parallel_index(config) == 1
+    assert [vllm_adapter.rank_across_engines(r, config) for r in (0, 1)] == [2, 3]

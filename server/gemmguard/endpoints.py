@@ -1,8 +1,9 @@
 """vLLM endpoint plugin: gemmguard's routes inside vLLM's own OpenAI API server.
 
 Loaded by vLLM only when `VLLM_PLUGINS` names it (`gemmguard serve` does that). The routes
-read state that `init_state` gathers from every worker through `collective_rpc`, after the
-engine is up and before the server accepts connections.
+read state that `init_state` gathers from every worker of every data-parallel engine (the
+utility `collective_rpc`, sent to each engine), after the engines are up and before the server
+accepts connections.
 """
 
 from __future__ import annotations
@@ -140,9 +141,16 @@ class GemmguardEndpoints:
             logger.warning("gemmguard: no engine in this server (render-only); routes answer 503")
             return
         cfg = settings()
-        gg.ranks = list(await engine_client.collective_rpc("gemmguard_build_info"))
-        gg.kernels = list(await engine_client.collective_rpc("gemmguard_kernel_report"))
-        gg.fixes = list(await engine_client.collective_rpc("gemmguard_fixes"))
+
+        async def every_rank(method: str) -> list[Any]:
+            # Engines in data-parallel order, each engine's ranks in order: the list index is
+            # the rank across engines that the workers report.
+            engines = await vllm_adapter.collective_rpc_every_engine(engine_client, method)
+            return [answer for ranks in engines for answer in ranks]
+
+        gg.ranks = await every_rank("gemmguard_build_info")
+        gg.kernels = await every_rank("gemmguard_kernel_report")
+        gg.fixes = await every_rank("gemmguard_fixes")
         metrics = process_metrics()
         metrics.publish_build(gg.ranks[0] if gg.ranks else gg.api_server)
         metrics.publish_fixes(gg.fixes[0] if gg.fixes else [])
@@ -154,8 +162,7 @@ class GemmguardEndpoints:
         )
         # The engine checked (and, by policy, replaced) every layer at load; a refusing engine
         # never gets here. The API server only publishes what the ranks report.
-        gg.selfcheck = Outcome(cfg.selfcheck_policy,
-                               list(await engine_client.collective_rpc("gemmguard_selfcheck")),
+        gg.selfcheck = Outcome(cfg.selfcheck_policy, await every_rank("gemmguard_selfcheck"),
                                cfg.selfcheck_unchecked)
         metrics.publish_selfcheck(gg.selfcheck, per_layer=cfg.per_layer_metrics)
         report = summary(gg.selfcheck)
@@ -168,4 +175,6 @@ class GemmguardEndpoints:
         metrics.engine_live.set(1)
         gg.liveness.start()
         gg.initialized = True
-        logger.info("gemmguard: %d rank(s) reported; routes under /gemmguard/", len(gg.ranks))
+        engines = len({info.get("data_parallel_rank", 0) for info in gg.ranks})
+        logger.info("gemmguard: %d rank(s) of %d engine(s) reported; routes under /gemmguard/",
+                    len(gg.ranks), engines)

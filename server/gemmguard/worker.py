@@ -1,8 +1,11 @@
-"""Worker extension: methods vLLM mixes into every worker (every TP/PP rank).
+"""Worker extension: methods vLLM mixes into every worker (every TP/PP rank of every engine).
 
 `gemmguard serve` passes `--worker-extension-cls gemmguard.worker.GemmguardWorkerExtension`;
-the API server reaches these methods by name with `engine_client.collective_rpc`.
-Results cross a msgspec boundary, so they are plain dicts of str/int/float.
+the API server reaches these methods by name on every data-parallel engine
+(`vllm_adapter.collective_rpc_every_engine`). Results cross a msgspec boundary, so they are
+plain dicts of str/int/float. `rank` is the worker's rank across all engines (data-parallel
+rank × ranks per engine + rank in the engine), so the ranks of two engines never share a number;
+`data_parallel_rank` names the engine.
 """
 
 from __future__ import annotations
@@ -18,11 +21,20 @@ class GemmguardWorkerExtension:
     """Mixed into vLLM's worker class; `self` is the worker."""
 
     rank: Any
+    parallel_config: Any
+
+    def _gemmguard_ranks(self) -> dict[str, int]:
+        """This worker's rank across every engine, and its engine's data-parallel rank."""
+        from gemmguard import vllm_adapter
+
+        config = getattr(self, "parallel_config", None)
+        return {"rank": vllm_adapter.rank_across_engines(int(getattr(self, "rank", 0)), config),
+                "data_parallel_rank": vllm_adapter.data_parallel_index(config)}
 
     def gemmguard_build_info(self) -> dict[str, Any]:
         """This rank's versions, platform and device."""
         info: dict[str, Any] = dict(build_info())
-        info["rank"] = int(getattr(self, "rank", 0))
+        info.update(self._gemmguard_ranks())
         return info
 
     def gemmguard_kernel_report(self) -> list[dict[str, Any]]:
@@ -30,16 +42,17 @@ class GemmguardWorkerExtension:
         from gemmguard.inventory.report import kernel_report
 
         rows = kernel_report(self.get_model())  # type: ignore[attr-defined]
-        rank = int(getattr(self, "rank", 0))
+        ranks = self._gemmguard_ranks()
         for row in rows:
-            row["rank"] = rank
+            row.update(ranks)
         return rows
 
     def gemmguard_selfcheck(self) -> dict[str, Any]:
         """This rank's self-check, run at load (see selfcheck.load_check)."""
         from gemmguard.selfcheck.load_check import rank_check
 
-        return rank_check().as_dict(int(getattr(self, "rank", 0)))
+        ranks = self._gemmguard_ranks()
+        return {**rank_check().as_dict(ranks["rank"]), **ranks}
 
     def gemmguard_fixes(self) -> list[dict[str, str]]:
         """This rank's engine fixes: upstream, patched, missing or not_applicable."""

@@ -213,6 +213,30 @@ def api_server_index(engine_client: Any) -> int:
     return int(getattr(getattr(engine_client, "engine_core", None), "client_index", 0) or 0)
 
 
+async def collective_rpc_every_engine(engine_client: Any, method: str) -> list[list[Any]]:
+    """`method` on every worker of every data-parallel engine: one list of rank results each.
+
+    `engine_client.collective_rpc` reaches one engine only: with `--data-parallel-size > 1`
+    the client's `call_utility_async` sends to all engines but returns engine 0's answer
+    (0.32 `v1/engine/core_client.py` DPLBAsyncMPClient.call_utility_async; 0.26 asks engine 0
+    alone). So the utility `collective_rpc` is sent to each engine the client manages, by its
+    identity: 0.32/0.33 `call_utility_all_async`, 0.26 `_call_utility_async(…, engine=)` over
+    `core_engines`. A client without engines of its own (in-process) is asked as a whole.
+    """
+    import asyncio
+
+    core = getattr(engine_client, "engine_core", None)
+    engines = list(getattr(core, "core_engines", None) or ())
+    rpc_args = ("collective_rpc", method, None, (), None)
+    if len(engines) > 1 and hasattr(core, "call_utility_all_async"):
+        return [list(ranks) for ranks in await core.call_utility_all_async(*rpc_args)]
+    if len(engines) > 1 and hasattr(core, "_call_utility_async"):
+        answers = await asyncio.gather(*(core._call_utility_async(*rpc_args, engine=engine)
+                                         for engine in engines))
+        return [list(ranks) for ranks in answers]
+    return [list(await engine_client.collective_rpc(method))]
+
+
 def loader_module() -> Any:
     """The module whose `load_model` calls `process_weights_after_loading` by its global name."""
     return importlib.import_module("vllm.model_executor.model_loader.base_loader")
@@ -293,8 +317,44 @@ def synchronize(device: Any) -> None:
         torch.cuda.synchronize(device)
 
 
+def data_parallel_index(parallel_config: Any = None) -> int:
+    """The data-parallel engine a process belongs to (0 without data parallelism).
+
+    0.26–0.33 keep it in `ParallelConfig.data_parallel_index`: an engine of a dense model runs
+    on its own, and vLLM resets its `data_parallel_rank` to 0 and `data_parallel_size` to 1
+    (`reconfigure_for_independent_dp_rank`); only MoE engines keep their `data_parallel_rank`.
+    Without a config, the one vLLM is loading under (`get_current_vllm_config`).
+    """
+    if parallel_config is None:
+        try:
+            from vllm.config import get_current_vllm_config
+
+            parallel_config = get_current_vllm_config().parallel_config
+        except Exception:  # outside an engine
+            return 0
+    index = getattr(parallel_config, "data_parallel_index", None)
+    if index is None:
+        index = getattr(parallel_config, "data_parallel_rank", 0)
+    return int(index or 0)
+
+
+def rank_across_engines(local_rank: int, parallel_config: Any) -> int:
+    """A worker's rank over every engine: engine index × ranks per engine + rank in the engine.
+
+    torch.distributed's rank cannot say it: dense engines each have a world of their own.
+    """
+    per_engine = int(getattr(parallel_config, "world_size", 1) or 1)
+    return data_parallel_index(parallel_config) * per_engine + local_rank % per_engine
+
+
 def global_rank() -> int:
-    """This worker's rank among all of the engine's workers (0 without torch.distributed)."""
+    """This worker's rank over every engine's workers (0 without torch.distributed)."""
     import torch.distributed as dist
 
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    try:
+        from vllm.config import get_current_vllm_config
+
+        return rank_across_engines(rank, get_current_vllm_config().parallel_config)
+    except Exception:  # outside an engine
+        return rank
