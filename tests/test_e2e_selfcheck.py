@@ -1,8 +1,14 @@
-"""End-to-end: each self-check policy against a served demo model with a faulty kernel forced."""
+"""End-to-end: each self-check policy against a served demo model with a faulty kernel forced.
+
+The fallback server runs in vLLM's default compiled mode (no --enforce-eager): the check and the
+in-place replacement happen at load, before torch.compile, and the compiled graph serves the
+replacement.
+"""
 
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Callable
@@ -17,6 +23,9 @@ from conftest import FAST_ENGINE_ARGS, Server, free_port
 pytestmark = pytest.mark.e2e
 
 E8M0 = "E8M0RequantFp8BlockKernel"
+GARBAGE = "GarbageFp8BlockKernel"
+# FAST_ENGINE_ARGS without --enforce-eager: vLLM compiles the model (torch.compile).
+COMPILED_ENGINE_ARGS = tuple(arg for arg in FAST_ENGINE_ARGS if arg != "--enforce-eager")
 
 
 def _samples(server: Server, name: str) -> list:  # type: ignore[type-arg]
@@ -42,9 +51,14 @@ def warned(server_factory: Callable[..., Server]) -> Server:
 
 
 @pytest.fixture(scope="module")
-def fell_back(server_factory: Callable[..., Server]) -> Server:
-    # Default policy (fallback): the kernel is replaced inside the one engine start.
-    return server_factory(env={"GEMMGUARD_TEST_KERNELS": "e8m0"})
+def fell_back(server_factory: Callable[..., Server],
+              tmp_path_factory: pytest.TempPathFactory) -> Server:
+    # Default policy (fallback), compiled mode: the kernel is replaced inside the one engine
+    # start, before torch.compile traces the model. An empty vLLM cache, so this start
+    # compiles (vLLM's AOT compile cache is keyed by the config, not by the kernels chosen).
+    env = {"GEMMGUARD_TEST_KERNELS": "garbage",
+           "VLLM_CACHE_ROOT": str(tmp_path_factory.mktemp("vllm-cache"))}
+    return server_factory(*COMPILED_ENGINE_ARGS, env=env, fast=False)
 
 
 def test_warn_serves_and_says_degraded(warned: Server) -> None:
@@ -63,31 +77,41 @@ def test_warn_serves_and_says_degraded(warned: Server) -> None:
     assert _completes(warned)
 
 
-def test_fallback_replaces_in_place_with_one_engine_start(fell_back: Server) -> None:
+def test_fallback_replaces_in_place_with_one_engine_start_in_compiled_mode(
+    fell_back: Server,
+) -> None:
+    log = fell_back.log()
+    # One engine process, compiled: no --enforce-eager, and vLLM's compilation ran.
+    assert "enforce_eager=False" in log
+    assert "Warming up model for the compilation" in log
+    assert "saved AOT compiled function" in log
+    assert len(set(re.findall(r"EngineCore(?:_DP\d+)? pid=(\d+)", log))) == 1
+    assert log.count("Loaded endpoint plugin gemmguard_api") == 1
     report = fell_back.get("/gemmguard/v1/selfcheck").json()
     assert report["passed"] is True and report["complete"] is True
     replaced = report["replacements"]
     fp8_layers = [row for row in report["ranks"][0]["layers"] if row["scheme"] == "fp8-block"]
     assert len(replaced) == len(fp8_layers) > 0
     for item in replaced:
-        assert item["rejected"] == E8M0 and item["rejected_verdict"] == "degraded"
-        assert item["kernel"] and item["kernel"] != E8M0
+        assert item["rejected"] == GARBAGE and item["rejected_verdict"] == "broken"
+        assert item["kernel"] and item["kernel"] != GARBAGE
         assert item["cost_ratio"] > 0  # measured at load on the layer's shape
     kernels = fell_back.get("/gemmguard/v1/kernels").json()["ranks"][0]["layers"]
     fp8 = {row["kernel"] for row in kernels if row["scheme"] == "fp8-block"}
-    assert fp8 and E8M0 not in fp8
+    assert fp8 and GARBAGE not in fp8
     selfcheck_fallbacks = [s for s in _samples(fell_back, "gemmguard_kernel_fallback_total")
                            if s.labels["reason"] == "selfcheck"]
-    assert {s.labels["preferred"] for s in selfcheck_fallbacks} == {E8M0}
+    assert {s.labels["preferred"] for s in selfcheck_fallbacks} == {GARBAGE}
     assert {s.labels["chosen"] for s in selfcheck_fallbacks} == fp8
+    assert sum(s.value for s in selfcheck_fallbacks) == len(replaced)
     assert _value(fell_back, "gemmguard_selfcheck_passed") == 1
-    assert _value(fell_back, "gemmguard_selfcheck_rejected_layers", kernel=E8M0,
-                  result="degraded") == len(replaced)
-    (cost,) = [s for s in _samples(fell_back, "gemmguard_selfcheck_replacement_cost_ratio")
-               if s.labels["rejected"] == E8M0]
-    assert cost.value > 0
-    assert "replaced by" in fell_back.log()
-    assert fell_back.log().count("Loaded endpoint plugin gemmguard_api") == 1  # one start
+    assert _value(fell_back, "gemmguard_selfcheck_rejected_layers", kernel=GARBAGE,
+                  result="broken") == len(replaced)
+    costs = [s for s in _samples(fell_back, "gemmguard_selfcheck_replacement_cost_ratio")
+             if s.labels["rejected"] == GARBAGE]
+    assert {s.labels["replacement"] for s in costs} == fp8
+    assert all(s.value > 0 for s in costs)
+    assert "replaced by" in log
     assert _completes(fell_back)
 
 
