@@ -58,6 +58,9 @@ class RankCheck:
     config: CheckConfig = field(default_factory=CheckConfig)
     layers: list[LayerResult] = field(default_factory=list)
     seconds: float = 0.0
+    # Where `seconds` went (capture, keep, inventory, kernel, reference, replace): a start-up
+    # that the check slows down says which part to make faster.
+    phases: dict[str, float] = field(default_factory=dict)
     sample_bytes: int = 0
     model_bytes: int = 0
     refusal: str = ""
@@ -67,6 +70,7 @@ class RankCheck:
 
     def as_dict(self, rank: int) -> dict[str, Any]:
         return {"rank": rank, "seconds": round(self.seconds, 4),
+                "phase_seconds": {k: round(v, 4) for k, v in self.phases.items()},
                 "sample_bytes": self.sample_bytes, "model_bytes": self.model_bytes,
                 "refusal": self.refusal, "layers": [r.as_dict() for r in self.layers]}
 
@@ -122,11 +126,18 @@ class LayerCheck:
         scheme = report.scheme_of(kernel, getattr(self.module, "weight", None), self.module)
         return sample.capture_linear(self.name, self.module, kernel, scheme)
 
-    def _measure(self, taken: Any, kernel: str) -> LayerResult:
+    def _measure(self, taken: Any, kernel: str,
+                 phases: dict[str, float] | None = None) -> LayerResult:
         if self.layer_type == "moe":
-            return measure.check_moe(self.module, taken, kernel, self.check.config.seed)
+            return measure.check_moe(self.module, taken, kernel, self.check.config.seed,
+                                     phases=phases)
         return measure.check_linear(self.module, taken, kernel, self.layer_type,
-                                    self.check.config.seed)
+                                    self.check.config.seed, phases=phases)
+
+    def _phase(self, name: str, since: float) -> float:
+        now = time.perf_counter()
+        self.check.phases[name] = self.check.phases.get(name, 0.0) + now - since
+        return now
 
     def run(self) -> None:
         # vLLM loads under a bf16 default dtype; the check's fp32 references must not inherit it.
@@ -156,20 +167,24 @@ class LayerCheck:
             taken, reason = self._capture(), ""
         except schemes.Unchecked as exc:
             taken, reason = None, str(exc)
+        now = self._phase("capture", start)
         policy = self.check.config.policy
         slot = replacement.slot_of(self.module) if self.layer_type != "moe" else None
         kept = replacement.KeptTensors.of(self.module) \
             if taken is not None and policy == "fallback" and slot is not None else None
-        vllm_start = time.perf_counter()
+        vllm_start = self._phase("keep", now)
         self.post_process(self.module)
-        vllm_seconds = time.perf_counter() - vllm_start
+        now = time.perf_counter()
+        vllm_seconds = now - vllm_start
         kernel, scheme = self._kernel_and_scheme()
+        now = self._phase("inventory", now)
         if taken is None:
             result = measure.unchecked(self.name, self.layer_type, kernel, scheme, reason)
         else:
             self.check.sample_bytes += taken.nbytes()
             try:
-                result = self._measure(taken, kernel)
+                # Replacement candidates are measured inside "replace", not here.
+                result = self._measure(taken, kernel, self.check.phases)
             except schemes.Unchecked as exc:
                 result = measure.unchecked(self.name, self.layer_type, kernel, scheme, str(exc))
             except Exception as exc:  # a check that cannot run must not stop the engine
@@ -177,7 +192,9 @@ class LayerCheck:
                 result = measure.unchecked(self.name, self.layer_type, kernel, scheme,
                                            f"check failed: {type(exc).__name__}: {exc}"[:300])
             if result.verdict in FAILING and kept is not None and slot is not None:
+                now = time.perf_counter()
                 result = self._replace(taken, result, slot, kept)
+                self._phase("replace", now)
             elif result.verdict in FAILING and policy == "fallback":
                 self._unswappable(result)
         self.check.seconds += time.perf_counter() - start - vllm_seconds
@@ -338,7 +355,9 @@ def finish(check: RankCheck, rank: int) -> None:
     replaced = sum(1 for r in check.layers if r.replacement and r.replacement.get("kernel"))
     line = (f"gemmguard self-check (rank {rank}): {counts['pass']} pass, {counts['degraded']} "
             f"degraded, {counts['broken']} broken, {counts['unchecked']} unchecked, "
-            f"{replaced} replaced in place, {check.seconds:.2f}s, policy {check.config.policy}")
+            f"{replaced} replaced in place, {check.seconds:.2f}s ("
+            + ", ".join(f"{k} {v:.2f}s" for k, v in check.phases.items())
+            + f"), policy {check.config.policy}")
     if counts["unchecked"]:
         line += f"; check incomplete (--selfcheck-unchecked {check.config.unchecked})"
     quiet = counts["unchecked"] == 0 or check.config.unchecked == "allow"
@@ -390,7 +409,7 @@ def install(config: CheckConfig) -> None:
     def process_weights_after_loading(model: Any, *args: Any, **kwargs: Any) -> Any:
         check = _CHECK
         check.layers.clear()
-        check.seconds, check.sample_bytes = 0.0, 0
+        check.seconds, check.sample_bytes, check.phases = 0.0, 0, {}
         check.model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         _wrap_model(check, model)
         try:

@@ -7,7 +7,9 @@ Activations are made on the host with a seeded generator, outside any compiled g
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -93,13 +95,13 @@ def verdict(bits: float, excess: float, worst_block_error: float,
 
 def _block_sums(y: torch.Tensor, ref: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """Per 128-row block: [sum of squared error, sum of squared reference] (non-finite → inf)."""
-    blocks = rows.div(ROW_BLOCK, rounding_mode="floor")
+    blocks = rows.to(y.device).div(ROW_BLOCK, rounding_mode="floor")
     n_blocks = int(blocks.max()) + 1
     diff = torch.nan_to_num((y - ref).pow(2).sum(dim=0), nan=math.inf)
-    sums = torch.zeros(2, n_blocks, dtype=torch.float64)
+    sums = torch.zeros(2, n_blocks, dtype=torch.float64, device=y.device)
     sums[0].index_add_(0, blocks, diff.double())
     sums[1].index_add_(0, blocks, ref.pow(2).sum(dim=0).double())
-    return sums
+    return sums.cpu()
 
 
 def device_of(module: Any) -> torch.device:
@@ -140,25 +142,61 @@ class _Worst:
                            _finite(worst_block), self.tokens)
 
 
+def _add_phase(phases: dict[str, float] | None, name: str, since: float) -> float:
+    """Add the seconds since `since` to `phases[name]` (when timing is asked for)."""
+    now = time.perf_counter()
+    if phases is not None:
+        phases[name] = phases.get(name, 0.0) + now - since
+    return now
+
+
 @torch.inference_mode()
 def check_linear(module: Any, sample: LinearSample, kernel: str, layer_type: str = "linear",
-                 seed: int = 0) -> LayerResult:
-    """Run the layer's own `apply` (the kernel vLLM chose) at every token count and measure it."""
+                 seed: int = 0, phases: dict[str, float] | None = None) -> LayerResult:
+    """Run the layer's own `apply` (the kernel vLLM chose) at every token count and measure it.
+
+    `phases` gets the seconds spent in the kernel (with the copy back) and in the reference.
+    """
+    start = time.perf_counter()
     k = sample.weight.shape[1]
     device = device_of(module)
-    xs = [activations(tokens, k, sample.out_dtype, seed) for tokens in TOKEN_COUNTS]
+    xs = [activations(tokens, k, sample.out_dtype, seed).to(device) for tokens in TOKEN_COUNTS]
     rows = sample.rows.to(device)
-    # All token counts run before one copy back: one device synchronisation per layer.
-    outs = [module.quant_method.apply(module, x.to(device))[:, rows] for x in xs]
-    ys = [y.float().cpu() for y in outs]
+    outs = [module.quant_method.apply(module, x)[:, rows].float() for x in xs]
+    if phases is not None:
+        vllm_adapter.synchronize(device)  # so that "kernel" is the kernel's time
+    start = _add_phase(phases, "kernel", start)
     worst = _Worst()
     try:
-        for x, y in zip(xs, ys, strict=True):
-            worst.add(y, reference.exact(sample, x), reference.ideal(sample, x), sample.rows,
-                      x.shape[0])
+        _compare(worst, sample, xs, outs, device)
     except ZeroDivisionError as exc:
         return unchecked(sample.layer, layer_type, kernel, sample.scheme, str(exc))
+    finally:
+        _add_phase(phases, "reference", start)
     return worst.result(sample.layer, layer_type, kernel, sample.scheme)
+
+
+def _compare(worst: _Worst, sample: LinearSample, xs: list[torch.Tensor],
+             ys: list[torch.Tensor], device: torch.device) -> None:
+    """Add each token count's output against the references to `worst`.
+
+    The references are computed where the layer runs: an 8B model's samples are ~60 M fp32
+    weights, 36 GFLOP of reference products over the three token counts, which a GPU does in
+    milliseconds and a host (with vLLM's thread settings) does not. fp32 products there are full
+    fp32 ("highest" precision: no TF32), whatever vLLM was told. A format whose reference
+    cannot run on the device is computed on the host, as before.
+    """
+    try:
+        on_device = dataclasses.replace(sample, weight=sample.weight.to(device))
+        with reference.exact_fp32():
+            pairs = [(reference.exact(on_device, x), reference.ideal(on_device, x)) for x in xs]
+    except RuntimeError:  # e.g. a host-only tensor in a format's activation quantization
+        if device.type == "cpu":
+            raise
+        xs, ys = [x.cpu() for x in xs], [y.cpu() for y in ys]
+        pairs = [(reference.exact(sample, x), reference.ideal(sample, x)) for x in xs]
+    for x, y, (exact, ideal) in zip(xs, ys, pairs, strict=True):
+        worst.add(y, exact, ideal, sample.rows, x.shape[0])
 
 
 def routing(sample: MoeSample, tokens: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -201,7 +239,8 @@ _SEVERITY = {"pass": 0, "degraded": 1, "broken": 2}
 
 
 @torch.inference_mode()
-def check_moe(module: Any, sample: MoeSample, kernel: str, seed: int = 0) -> LayerResult:
+def check_moe(module: Any, sample: MoeSample, kernel: str, seed: int = 0,
+              phases: dict[str, float] | None = None) -> LayerResult:
     """Run the layer's experts kernel with routing fixed by the check, against fp32 references.
 
     Each sampled expert gets its own verdict (its tokens only): an expert that gets one token
@@ -216,13 +255,16 @@ def check_moe(module: Any, sample: MoeSample, kernel: str, seed: int = 0) -> Lay
     rows = sample.rows.to(device)
     try:
         for tokens in TOKEN_COUNTS:
+            start = time.perf_counter()
             x = activations(tokens, sample.hidden, sample.out_dtype, seed)
             weights, ids = routing(sample, tokens, seed)
             out = vllm_adapter.moe_apply(module, x.to(device), weights.to(device),
                                          ids.to(device))
             y = out[:, rows].float().cpu()
+            start = _add_phase(phases, "kernel", start)
             exact = reference.moe_exact(sample, x, weights, ids)
             ideal = reference.moe_ideal(sample, x, weights, ids, rounding)
+            _add_phase(phases, "reference", start)
             worst.add(y, exact, ideal, sample.rows, tokens)
             for expert, global_id in zip(sample.experts, sample.global_ids, strict=True):
                 mine = ids[:, 0] == global_id

@@ -11,6 +11,8 @@ ideal rounds at those points, so what it allows is the arithmetic of that family
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -55,6 +57,17 @@ def quantize_activations(x: torch.Tensor, activation: Activation) -> torch.Tenso
     if activation.fmt == "int8":
         return _fake_quant_int8(xf, activation)
     return numerics.fake_quantize_activation(xf, activation)
+
+
+@contextlib.contextmanager
+def exact_fp32() -> Iterator[None]:
+    """fp32 matrix products in full fp32 (no TF32 or bf16 passes) inside, as vLLM set after."""
+    saved = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(saved)
 
 
 def exact(sample: LinearSample, x: torch.Tensor) -> torch.Tensor:
