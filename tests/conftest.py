@@ -80,10 +80,10 @@ def start_server(
     cmd = [sys.executable, "-m", "gemmguard.cli", "serve", *args,
            "--host", "127.0.0.1", "--port", str(port)]
     full_env = {**os.environ, **(env or {})}
-    log = log_path.open("wb")
-    process = subprocess.Popen(
-        cmd, stdout=log, stderr=subprocess.STDOUT, env=full_env, start_new_session=True
-    )
+    with log_path.open("wb") as log:  # the child keeps its own descriptor
+        process = subprocess.Popen(
+            cmd, stdout=log, stderr=subprocess.STDOUT, env=full_env, start_new_session=True
+        )
     server = Server(process, f"http://127.0.0.1:{port}", log_path)
     timeout = START_TIMEOUT_S * engine_starts
     deadline = time.monotonic() + timeout

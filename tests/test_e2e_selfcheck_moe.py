@@ -80,10 +80,10 @@ def _smallest_expert(model: Path, layer: int) -> int:
 
 
 def _chat(server: Server, model: str = NAME) -> str | None:
-    client = openai.OpenAI(base_url=server.base_url + "/v1", api_key="x", max_retries=0)
-    reply = client.chat.completions.create(
-        model=model, messages=[{"role": "user", "content": "hello"}], max_tokens=4,
-        extra_body={"ignore_eos": True})
+    with openai.OpenAI(base_url=server.base_url + "/v1", api_key="x", max_retries=0) as client:
+        reply = client.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": "hello"}], max_tokens=4,
+            extra_body={"ignore_eos": True})
     assert reply.usage is not None and reply.usage.completion_tokens == 4
     return reply.choices[0].message.content
 
