@@ -158,3 +158,13 @@ def test_a_worker_extension_in_a_config_file_is_refused(tmp_path: Path) -> None:
     config.write_text("worker_extension_cls: x.Y\n")
     with pytest.raises(UsageError, match="worker-extension-cls is set by gemmguard serve"):
         _plan(["--config", str(config), "--port", str(free_port())], tmp_path)
+
+
+def test_a_model_named_only_in_a_config_file_is_served_not_the_demo(tmp_path: Path) -> None:
+    model = write_demo_model(tmp_path / "m")
+    config = tmp_path / "serve.yaml"
+    config.write_text(f"model: {model}\n")
+    plan = _plan(["--config", str(config), "--port", str(free_port())], tmp_path)
+    assert plan.model == str(model) and plan.demo_scheme is None and plan.served_name == str(model)
+    config.write_text("max_model_len: 512\n")  # a file without a model: the demo, as before
+    assert _plan(["--config", str(config), "--port", str(free_port())], tmp_path).demo_scheme

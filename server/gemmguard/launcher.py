@@ -29,7 +29,7 @@ from gemmguard.config import POLICIES, PREFIX, UNCHECKED_POLICIES, settings
 from gemmguard.demo.store import DEMO_SERVED_NAME, demo_model_path, ensure_demo_model
 from gemmguard.endpoints import PLUGIN_NAME
 from gemmguard.errors import ServeError, UsageError
-from gemmguard.vllm_adapter.serve_args import parse_serve_args
+from gemmguard.vllm_adapter.serve_args import configured_model, parse_serve_args
 from gemmguard.worker import EXTENSION_CLS
 
 GENERAL_PLUGIN = "gemmguard"
@@ -191,6 +191,8 @@ def plan_serve(argv: list[str], environ: dict[str, str] | None = None) -> ServeP
         model = _option_value(vllm_args, "--model")
         if model is not None:
             vllm_args = [a for i, a in enumerate(vllm_args) if not _is_model_option(vllm_args, i)]
+    if model is None and _option_value(vllm_args, "--config") is not None:
+        model = configured_model(vllm_args)  # as vLLM would: the file's model, not the demo
     env = dict(os.environ if environ is None else environ)
     cfg = settings(env)
     is_demo = model is None

@@ -14,7 +14,7 @@ from typing import Any, NoReturn
 from gemmguard import vllm_adapter
 from gemmguard.errors import UsageError
 
-__all__ = ["parse_serve_args", "serve_parser"]
+__all__ = ["configured_model", "parse_serve_args", "serve_parser"]
 
 
 def serve_parser(parser_cls: type, prog: str = "gemmguard serve") -> tuple[Any, Any]:
@@ -57,3 +57,18 @@ def parse_serve_args(args: list[str]) -> argparse.Namespace:
         return _parse(args)
     finally:
         vllm_logger.removeHandler(quiet)
+
+
+
+def configured_model(args: list[str]) -> str | None:
+    """The model a `--config` file in `args` names (args name no model themselves), or None.
+
+    vLLM (0.26-0.33) moves a config file's `model` into `--model`, and refuses a config file
+    that names none with "No model specified!"; that refusal here means "serve the demo".
+    """
+    try:
+        return str(parse_serve_args(args).model)
+    except UsageError as exc:
+        if "No model specified" in str(exc):
+            return None
+        raise
