@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 
 import openai
@@ -143,6 +144,8 @@ def test_selfcheck_passes_and_gates_readiness(server: Server) -> None:
     rank = report["ranks"][0]
     assert rank["phase_seconds"]["kernel"] > 0 and rank["phase_seconds"]["reference"] > 0
     assert sum(rank["phase_seconds"].values()) <= rank["seconds"] + 1e-3
+    # vLLM's compile caches are keyed by the kernels the check left in place.
+    assert re.fullmatch(r"[0-9a-f]{64}", rank["compile_cache_key"])
     families = {f.name: f for f in text_string_to_metric_families(server.get("/metrics").text)}
     assert families["gemmguard_selfcheck_passed"].samples[0].value == 1
     assert families["gemmguard_selfcheck_duration_seconds"].samples[0].value > 0

@@ -68,3 +68,16 @@ def test_ranks_of_two_data_parallel_engines_never_share_a_number() -> None:
     config.data_parallel_index = 1
     assert vllm_adapter.data_parallel_index(config) == 1
     assert [vllm_adapter.rank_across_engines(r, config) for r in (0, 1)] == [2, 3]
+
+
+def test_key_compile_cache_changes_the_hash_vllm_keys_its_compile_caches_by() -> None:
+    from vllm.config import VllmConfig, set_current_vllm_config
+
+    config = VllmConfig()
+    before = config.compute_hash()
+    assert not vllm_adapter.key_compile_cache("gemmguard_kernels", "a")  # no engine loading
+    with set_current_vllm_config(config):
+        assert vllm_adapter.key_compile_cache("gemmguard_kernels", "a")
+        keyed = config.compute_hash()
+        assert vllm_adapter.key_compile_cache("gemmguard_kernels", "b")
+    assert len({before, keyed, config.compute_hash()}) == 3

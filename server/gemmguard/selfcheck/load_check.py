@@ -21,6 +21,7 @@ report where `gemmguard serve` reads it (exit code 3). Every rank checks the lay
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import logging
 import time
@@ -64,6 +65,8 @@ class RankCheck:
     sample_bytes: int = 0
     model_bytes: int = 0
     refusal: str = ""
+    # The digest of every layer's kernel, put into vLLM's compile cache key (None: not keyed).
+    compile_key: str | None = None
     # (rejected kernel, scheme, shape) → the replacement class that won there, so layers of
     # the same kernel and shape do not time every candidate again.
     decisions: dict[tuple[str, str, tuple[int, ...]], str] = field(default_factory=dict)
@@ -72,7 +75,8 @@ class RankCheck:
         return {"rank": rank, "seconds": round(self.seconds, 4),
                 "phase_seconds": {k: round(v, 4) for k, v in self.phases.items()},
                 "sample_bytes": self.sample_bytes, "model_bytes": self.model_bytes,
-                "refusal": self.refusal, "layers": [r.as_dict() for r in self.layers]}
+                "refusal": self.refusal, "compile_cache_key": self.compile_key,
+                "layers": [r.as_dict() for r in self.layers]}
 
 
 _CHECK = RankCheck()
@@ -349,6 +353,30 @@ def refusal(check: RankCheck) -> str:
     return "; ".join(reasons)
 
 
+COMPILE_KEY_PATCH = ledger.Patch(
+    name="selfcheck-compile-cache-key",
+    why="vLLM keys its torch.compile caches by configuration, not by the kernel each layer "
+    "runs: a graph saved by a start whose layers ran one kernel would be loaded by a start "
+    "whose check replaced it, and serve the rejected kernel while the report says replaced.",
+    how="After the check, put a digest of every layer's kernel into "
+    "VllmConfig.additional_config['gemmguard_kernels'], which vLLM hashes into its cache keys.",
+    upstream="none: vLLM's cache key does not cover kernel selection.",
+    remove_when="vLLM's compile cache key covers each layer's chosen kernel.",
+)
+
+
+def key_compile_cache(check: RankCheck) -> str | None:
+    """Key vLLM's compile caches by the kernels the layers now run; the digest, or None."""
+    kernels = "\n".join(f"{r.layer}={r.kernel}" for r in check.layers)
+    digest = hashlib.sha256(kernels.encode()).hexdigest()
+    if not vllm_adapter.key_compile_cache("gemmguard_kernels", digest):
+        logger.warning("gemmguard: no vLLM config to key the compile cache with; a compiled "
+                       "graph saved by an earlier start may not match the kernels checked now")
+        return None
+    ledger.record(COMPILE_KEY_PATCH)
+    return digest
+
+
 def finish(check: RankCheck, rank: int) -> None:
     """Log the rank's summary; refuse start-up (SelfcheckFailed) when the policy says so."""
     counts = verdict_counts(check.layers)
@@ -417,6 +445,7 @@ def install(config: CheckConfig) -> None:
         finally:
             _unwrap(model)
         finish(check, vllm_adapter.global_rank())
+        check.compile_key = key_compile_cache(check)
         return result
 
     loader.process_weights_after_loading = process_weights_after_loading

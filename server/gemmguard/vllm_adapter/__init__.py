@@ -317,6 +317,26 @@ def synchronize(device: Any) -> None:
         torch.cuda.synchronize(device)
 
 
+def key_compile_cache(name: str, value: str) -> bool:
+    """Make `value` part of vLLM's torch.compile cache keys for the model being loaded.
+
+    vLLM 0.26–0.33 hash `VllmConfig.additional_config` (a dict) into `compute_hash()`, which
+    keys the AOT-compiled model (`compilation/decorators.py`, `aot_compile_hash_factors`) and
+    Inductor's cache directory (`compilation/backends.py`); both are computed when the model
+    is first compiled, after loading. Without this, a graph traced through one kernel (saved
+    by an earlier start) is loaded for a model whose layers now run another. Returns False
+    outside an engine's load (no current config) or where additional_config is not a dict.
+    """
+    from vllm.config import get_current_vllm_config_or_none
+
+    config = get_current_vllm_config_or_none()
+    extra = getattr(config, "additional_config", None)
+    if not isinstance(extra, dict):
+        return False
+    extra[name] = value
+    return True
+
+
 def data_parallel_index(parallel_config: Any = None) -> int:
     """The data-parallel engine a process belongs to (0 without data parallelism).
 
