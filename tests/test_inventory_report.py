@@ -48,3 +48,29 @@ def test_linear_row_names_the_scheme_of_a_method_without_a_kernel_object() -> No
         weight_packed=torch.zeros(4, 8, dtype=torch.uint8),
         weight_scale=torch.zeros(4, 1, dtype=torch.float8_e4m3fn))
     assert report.linear_row("l", module, "linear")["scheme"] == "nvfp4"
+
+
+def test_moe_row_names_the_preferred_experts_and_those_turned_down_with_reasons() -> None:
+    """The oracle's attempts are found through the config the layer's quant method keeps."""
+    from gemmguard.inventory import report, selection
+
+    config = object()
+    selection.check_moe_candidate(type("X86CPUUnquantizedExperts", (), {}), config,
+                                  lambda: (False, "kernel does not support current device cpu"))
+    selection.check_moe_candidate(type("CPUUnquantizedExperts", (), {}), config,
+                                  lambda: (True, None))
+    experts = type("CPUUnquantizedExperts", (), {})()
+    method = SimpleNamespace(moe=config, unquantized_backend=SimpleNamespace(value="CPU"),
+                             moe_kernel=SimpleNamespace(fused_experts=experts))
+    module = SimpleNamespace(quant_method=method,
+                             w13_weight=torch.zeros(2, 8, 4, dtype=torch.bfloat16))
+    row = report.moe_row("model.layers.0.mlp.experts", module)
+    assert row["kernel"] == "CPUUnquantizedExperts" and row["backend"] == "CPU"
+    assert row["scheme"] == "unquantized-bf16"
+    assert row["preferred"] == "X86CPUUnquantizedExperts"
+    assert row["turned_down"] == [{"kernel": "X86CPUUnquantizedExperts", "accepted": False,
+                                   "reason": "kernel does not support current device cpu"}]
+    # A layer whose choice was not seen has no turned-down list, not another layer's.
+    other = SimpleNamespace(quant_method=SimpleNamespace(**{**vars(method), "moe": object()}),
+                            w13_weight=module.w13_weight)
+    assert report.moe_row("model.layers.1.mlp.experts", other)["turned_down"] == []

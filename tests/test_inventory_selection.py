@@ -89,3 +89,36 @@ def test_cpu_gemm_names_come_from_the_function_vllm_stored() -> None:
         "torch.nn.functional.linear")
     ops = SimpleNamespace(onednn_mm=None)
     assert selection.cpu_gemm_name(lambda x, w, b: ops.onednn_mm(None, x, b)) == "onednn_mm"
+
+
+def test_moe_checks_are_recorded_per_config_and_denials_answered_without_asking() -> None:
+    selection.install(("DeniedExperts",))
+    asked: list[str] = []
+
+    def ask(name: str, answer: tuple[bool, str | None]):  # type: ignore[no-untyped-def]
+        return lambda: asked.append(name) or answer
+
+    first, second = object(), object()
+    denied, slow, good = (type(n, (), {}) for n in ("DeniedExperts", "SlowExperts", "GoodExperts"))
+    try:
+        assert selection.check_moe_candidate(denied, first, ask("denied", (True, None))) == (
+            False, selection.DENIED)
+        assert selection.check_moe_candidate(slow, second, ask("slow", (False, " no AMX "))) == (
+            False, " no AMX ")
+        assert selection.check_moe_candidate(good, first, ask("good", (True, None))) == (
+            True, None)
+    finally:
+        selection.install(())
+    assert asked == ["slow", "good"]
+    record = selection.selection_for_moe_config(first)
+    assert record is not None
+    assert [a.as_dict() for a in record.attempts] == [
+        {"kernel": "DeniedExperts", "accepted": False, "reason": selection.DENIED},
+        {"kernel": "GoodExperts", "accepted": True, "reason": ""}]
+    other = selection.selection_for_moe_config(second)
+    assert other is not None and [(a.kernel, a.reason) for a in other.turned_down] == [
+        ("SlowExperts", "no AMX")]
+    # The oracle stops at the first supported class: a question after it starts a new choice.
+    selection.check_moe_candidate(slow, first, lambda: (True, None))
+    again = selection.selection_for_moe_config(first)
+    assert again is not None and [a.kernel for a in again.attempts] == ["SlowExperts"]

@@ -11,7 +11,13 @@ from typing import Any
 import torch
 
 from gemmguard import vllm_adapter
-from gemmguard.inventory.selection import Selection, selection_for_config, selection_for_layer
+from gemmguard.inventory.selection import (
+    Selection,
+    selection_for_config,
+    selection_for_layer,
+    selection_for_moe_config,
+)
+from gemmguard.vllm_adapter.moe import moe_config_of
 
 # Where quant methods (or their compressed-tensors / Quark scheme) keep the kernel instance.
 KERNEL_ATTRS = ("fp8_linear", "kernel", "linear_kernel", "ocp_mx_linear")
@@ -198,7 +204,8 @@ def moe_row(name: str, module: Any) -> dict[str, Any]:
         kernel = _function_name(getattr(method, "experts_cls", None) or method)
     from gemmguard.selfcheck.schemes import moe_scheme
 
-    row = _row(name, "moe", method, kernel, moe_scheme(module), None)
+    selection = selection_for_moe_config(moe_config_of(module))
+    row = _row(name, "moe", method, kernel, moe_scheme(module), selection)
     row["backend"] = str(getattr(backend, "value", backend) or "")
     return row
 

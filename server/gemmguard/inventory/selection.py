@@ -5,12 +5,14 @@ asking each class `is_supported` / `can_implement`; the reasons for turning a ca
 are thrown away unless nothing fits. gemmguard wraps the two names the choosers look up at
 call time and keeps, per kernel config object, the ordered list of attempts. The report
 (`inventory.report`) later finds that list through the kernel instance's `.config`.
+vLLM's MoE oracles do the same per layer with `is_supported_config`; their attempts are kept
+per `FusedMoEConfig`, which the layer's quant method keeps as `.moe`.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -50,6 +52,8 @@ class Selection:
 _BY_CONFIG: dict[int, Selection] = {}
 # Layer object id → selection of the CPU unquantized GEMM dispatch.
 _BY_LAYER: dict[int, Selection] = {}
+# id(FusedMoEConfig) → the MoE oracle's latest choice for it; configs live as long as layers.
+_BY_MOE_CONFIG: dict[int, Selection] = {}
 _ACTIVE: list[Selection] = []
 # Denied class name → the reason recorded for it ("denied", or "selfcheck" after a fallback).
 _DENY: dict[str, str] = {}
@@ -62,7 +66,10 @@ SELECTION_PATCH = ledger.Patch(
     how="Rebind `is_supported_and_can_implement_kernel` and `choose_scaled_mm_linear_kernel` "
     "in vllm.model_executor.kernels.linear with wrappers that record each attempt and answer "
     "'denied' for denied classes; wrap `dispatch_cpu_unquantized_gemm` to name the CPU branch; "
-    "drop denied classes from the unquantized MoE oracle's `backend_to_kernel_cls`.",
+    "rebind `backend_to_kernel_cls` in every vllm.model_executor.layers.fused_moe.oracle "
+    "module so that each candidate class it returns has its `is_supported_config` staticmethod "
+    "replaced (once, on the class) by a wrapper that calls vLLM's, records the answer per "
+    "FusedMoEConfig and answers 'denied' for denied classes.",
     upstream="none: vLLM logs one 'Selected X for Y' line per kernel class (info_once).",
     remove_when="vLLM records the candidates it turned down on the kernel object.",
 )
@@ -76,6 +83,11 @@ def selection_for_config(config: object) -> Selection | None:
 def selection_for_layer(layer: object) -> Selection | None:
     """The recorded CPU unquantized GEMM dispatch of `layer`."""
     return _BY_LAYER.get(id(layer))
+
+
+def selection_for_moe_config(config: object) -> Selection | None:
+    """The recorded MoE oracle choice for this `FusedMoEConfig`."""
+    return _BY_MOE_CONFIG.get(id(config))
 
 
 @contextmanager
@@ -113,13 +125,24 @@ def install(deny: tuple[str, ...] = ()) -> None:
         )
     from gemmguard.vllm_adapter import moe
 
-    moe.wrap_unquantized_moe_candidates(deny_moe_candidates)
+    moe.check_moe_candidates(check_moe_candidate)
     ledger.record(SELECTION_PATCH)
 
 
-def deny_moe_candidates(backend: Any, classes: list[type]) -> list[type]:
-    """An MoE oracle's candidates for `backend` without the denied classes."""
-    return [cls for cls in classes if cls.__name__ not in _DENY]
+def check_moe_candidate(kernel: type, moe_config: object,
+                        ask: Callable[[], tuple[bool, str | None]]) -> tuple[bool, str | None]:
+    """Answer an MoE oracle's support question ('denied', else vLLM's) and record it."""
+    reason: str | None
+    if kernel.__name__ in _DENY:
+        ok, reason = False, _DENY[kernel.__name__]
+    else:
+        ok, reason = ask()
+    selection = _BY_MOE_CONFIG.get(id(moe_config))
+    # vLLM's oracles stop at the first supported class: a question after it is a new choice.
+    if selection is None or any(a.accepted for a in selection.attempts):
+        selection = _BY_MOE_CONFIG[id(moe_config)] = Selection()
+    selection.attempts.append(Attempt(kernel.__name__, bool(ok), str(reason or "").strip()))
+    return ok, reason
 
 
 def _wrap_check(original: Any) -> Any:
