@@ -12,6 +12,7 @@ import re
 import subprocess
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import openai
@@ -50,14 +51,50 @@ def warned(server_factory: Callable[..., Server]) -> Server:
     return server_factory("--selfcheck-policy", "warn", env={"GEMMGUARD_TEST_KERNELS": "e8m0"})
 
 
+@dataclass(frozen=True)
+class EarlierStart:
+    """A compiled start that kept the faulty kernel (policy warn), on the cache `fell_back` uses."""
+
+    saved_to: str  # where vLLM saved the compiled graph
+    text: str  # its greedy completion, through the garbage kernel
+
+
+SAVED_AOT = re.compile(r"saved AOT compiled function to (\S+)")
+
+
+def _greedy(server: Server) -> str:
+    client = openai.OpenAI(base_url=server.base_url + "/v1", api_key="x", max_retries=0)
+    reply = client.completions.create(model="gemmguard-demo", prompt="The kernel", max_tokens=8,
+                                      temperature=0, extra_body={"ignore_eos": True})
+    return reply.choices[0].text
+
+
 @pytest.fixture(scope="module")
-def fell_back(server_factory: Callable[..., Server],
-              tmp_path_factory: pytest.TempPathFactory) -> Server:
+def vllm_cache(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return str(tmp_path_factory.mktemp("vllm-cache"))
+
+
+@pytest.fixture(scope="module")
+def earlier_start(server_factory: Callable[..., Server], vllm_cache: str) -> EarlierStart:
+    # The same model, options and test kernel as `fell_back`, only policy warn: vLLM's own
+    # cache key is the same for both starts; only gemmguard's kernel digest tells them apart.
+    env = {"GEMMGUARD_TEST_KERNELS": "garbage", "VLLM_CACHE_ROOT": vllm_cache}
+    server = server_factory("--selfcheck-policy", "warn", *COMPILED_ENGINE_ARGS, env=env,
+                            fast=False)
+    try:
+        (saved_to,) = SAVED_AOT.findall(server.log())
+        return EarlierStart(saved_to, _greedy(server))
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def fell_back(server_factory: Callable[..., Server], vllm_cache: str,
+              earlier_start: EarlierStart) -> Server:
     # Default policy (fallback), compiled mode: the kernel is replaced inside the one engine
-    # start, before torch.compile traces the model. An empty vLLM cache, so this start
-    # compiles (vLLM's AOT compile cache is keyed by the config, not by the kernels chosen).
-    env = {"GEMMGUARD_TEST_KERNELS": "garbage",
-           "VLLM_CACHE_ROOT": str(tmp_path_factory.mktemp("vllm-cache"))}
+    # start, before torch.compile traces the model, on a cache that already holds a graph
+    # compiled through the garbage kernel (by `earlier_start`).
+    env = {"GEMMGUARD_TEST_KERNELS": "garbage", "VLLM_CACHE_ROOT": vllm_cache}
     return server_factory(*COMPILED_ENGINE_ARGS, env=env, fast=False)
 
 
@@ -113,6 +150,19 @@ def test_fallback_replaces_in_place_with_one_engine_start_in_compiled_mode(
     assert all(s.value > 0 for s in costs)
     assert "replaced by" in log
     assert _completes(fell_back)
+
+
+def test_a_graph_compiled_through_the_rejected_kernel_is_not_reused(
+    fell_back: Server, earlier_start: EarlierStart
+) -> None:
+    # vLLM keys its compile cache by configuration; a start that replaced kernels must not load
+    # the graph an earlier start traced through the kernel it rejected (and serve that kernel).
+    # A start that loads a cached graph saves none: exactly one save, somewhere else.
+    (saved_to,) = SAVED_AOT.findall(fell_back.log())
+    assert saved_to != earlier_start.saved_to
+    report = fell_back.get("/gemmguard/v1/selfcheck").json()
+    assert re.fullmatch(r"[0-9a-f]{64}", report["ranks"][0]["compile_cache_key"])
+    assert _greedy(fell_back) != earlier_start.text  # not the garbage kernel's tokens
 
 
 def test_fail_exits_with_a_report_that_names_layers_kernels_bits_and_the_way_out(
