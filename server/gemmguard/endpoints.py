@@ -78,7 +78,7 @@ async def get_kernels(request: Request) -> JSONResponse:
 
 @router.get("/v1/fixes")
 async def get_fixes(request: Request) -> JSONResponse:
-    """The engine fixes gemmguard carries, per rank: upstream, patched, missing, not_applicable."""
+    """Each carried engine fix, per rank: upstream, patched, missing, not_applicable or unknown."""
     state = _state(request)
     if state is None or not state.initialized:
         return _not_ready("gemmguard has not gathered the fix reports yet")

@@ -55,7 +55,7 @@ class GemmguardWorkerExtension:
         return {**rank_check().as_dict(ranks["rank"]), **ranks}
 
     def gemmguard_fixes(self) -> list[dict[str, str]]:
-        """This rank's engine fixes: upstream, patched, missing or not_applicable."""
+        """This rank's engine fixes: upstream, patched, missing, not_applicable or unknown."""
         from gemmguard import fixes
 
         return fixes.report()
