@@ -15,7 +15,7 @@ from gemmguard.vllm_adapter.serve_args import serve_parser
 
 
 def _one_line_error_parser(base: type) -> type:
-    class OneLineErrorParser(base):  # type: ignore[misc, valid-type]
+    class OneLineErrorParser(base):  # type: ignore[misc]  # a base passed in at run time
         """vLLM's parser, but a bad option ends with one clear line, not a usage dump."""
 
         def error(self, message: str) -> NoReturn:

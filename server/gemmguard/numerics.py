@@ -9,7 +9,7 @@ FP8_MAX = float(torch.finfo(FP8_DTYPE).max)
 
 
 def expand_block_scales(scale: torch.Tensor, block: tuple[int, int],
-                        shape: tuple[int, int]) -> torch.Tensor:
+                        shape: tuple[int, ...]) -> torch.Tensor:
     """Per-element fp32 scales of a (rows, cols) weight from its per-block scales."""
     rows, cols = shape
     expanded = scale.float().repeat_interleave(block[0], 0).repeat_interleave(block[1], 1)
@@ -19,7 +19,7 @@ def expand_block_scales(scale: torch.Tensor, block: tuple[int, int],
 def dequantize_fp8_block(weight: torch.Tensor, scale: torch.Tensor,
                          block: tuple[int, int] = (128, 128)) -> torch.Tensor:
     """fp32 weight = fp8 weight × its block's scale (`weight_scale_inv` in checkpoints)."""
-    return weight.float() * expand_block_scales(scale, block, tuple(weight.shape))  # type: ignore[arg-type]
+    return weight.float() * expand_block_scales(scale, block, tuple(weight.shape))
 
 
 def quantize_fp8_block(weight: torch.Tensor,

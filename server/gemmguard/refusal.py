@@ -108,8 +108,7 @@ class ReportCollector:
             "Layers whose kernel the self-check rejected, by rejected kernel and its verdict.",
             labels=["kernel", "result"],
         )
-        tally = Tally(_rejected(row) for row in _layers(report))
-        tally.pop(None, None)
+        tally = Tally(found for found in map(_rejected, _layers(report)) if found is not None)
         for (kernel, result), count in sorted(tally.items()):
             rejected.add_metric([kernel, result], count)
         yield rejected
@@ -172,7 +171,7 @@ def _handler(registry: CollectorRegistry, report: Mapping[str, Any]) -> type:
         def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
             path = self.path.split("?", 1)[0]
             if path == "/metrics":
-                encoder, content_type = choose_encoder(self.headers.get("Accept"))
+                encoder, content_type = choose_encoder(self.headers.get("Accept", ""))
                 data = encoder(registry)
                 self.send_response(200)
                 self.send_header("Content-Type", content_type)
@@ -196,12 +195,13 @@ def _handler(registry: CollectorRegistry, report: Mapping[str, Any]) -> type:
 
 
 def _http_server(host: str | None, port: int, handler: type) -> ThreadingHTTPServer:
-    bind = host if host not in (None, "") else "0.0.0.0"
-    server_cls = ThreadingHTTPServer
-    if ":" in bind:
-        server_cls = type("ThreadingHTTPServerV6", (ThreadingHTTPServer,),
-                          {"address_family": socket.AF_INET6})
+    bind = host or "0.0.0.0"
+    server_cls = _ThreadingHTTPServerV6 if ":" in bind else ThreadingHTTPServer
     return server_cls((bind, port), handler)
+
+
+class _ThreadingHTTPServerV6(ThreadingHTTPServer):
+    address_family = socket.AF_INET6
 
 
 def _build_info() -> dict[str, str] | None:

@@ -16,6 +16,7 @@ from gemmguard import vllm_adapter
 from gemmguard.canary import ENGINE_TOKENS
 
 
+# The base is vLLM's StatLoggerBase, found at run time; mypy cannot check a called base.
 class TokenStatLogger(vllm_adapter.stat_logger_base()):  # type: ignore[misc]
     """Adds each engine step's generated tokens to this process's tally; logs nothing."""
 

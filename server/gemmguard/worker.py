@@ -41,6 +41,7 @@ class GemmguardWorkerExtension:
         """Every GEMM-owning layer of this rank: its kernel and the candidates turned down."""
         from gemmguard.inventory.report import kernel_report
 
+        # A mixin: get_model is the vLLM worker's, which `self` is at run time.
         rows = kernel_report(self.get_model())  # type: ignore[attr-defined]
         ranks = self._gemmguard_ranks()
         for row in rows:

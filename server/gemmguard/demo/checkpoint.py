@@ -187,15 +187,15 @@ def _config(spec: DemoSpec, scheme: str, arch: str = "qwen3") -> dict[str, objec
             "router_aux_loss_coef": 0.001,
         })
     if scheme == "fp8-block":
-        config["quantization_config"] = {
+        quantization: dict[str, object] = {
             "quant_method": "fp8",
             "fmt": "e4m3",
             "activation_scheme": "dynamic",
             "weight_block_size": [FP8_BLOCK, FP8_BLOCK],
         }
         if moe:
-            config["quantization_config"]["ignored_layers"] = \
-                _not_quantized(spec, arch)[1:]  # type: ignore[index]
+            quantization["ignored_layers"] = _not_quantized(spec, arch)[1:]
+        config["quantization_config"] = quantization
     elif scheme in compressed.PRESETS:
         config["quantization_config"] = compressed.quantization_config(
             scheme, _not_quantized(spec, arch))

@@ -143,7 +143,7 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
                         help="Seconds to wait for one request. Default: 600.")
 
 
-def add_eval_commands(verbs: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def add_eval_commands(verbs: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Register the evaluation verbs on the `gemmguard` parser."""
     ev = verbs.add_parser(
         "eval",

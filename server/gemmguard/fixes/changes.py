@@ -63,11 +63,11 @@ class Changes:
 
         def restore() -> None:
             if isinstance(container, MutableSequence):
-                container[:] = list(saved)  # type: ignore[call-overload]
+                container[:] = list(saved)
                 return
             container.clear()
             if isinstance(container, MutableMapping):
-                container.update(saved)  # type: ignore[arg-type]
+                container.update(saved)
             else:
                 for item in saved:
                     container.add(item)

@@ -60,7 +60,7 @@ def _linear_accepts(model_type: str, platform: Any, envs: Any = None) -> bool:
         "should_use_deepgemm_for_fp8_linear": lambda *a, **k: True,  # DeepGEMM not installed
         "current_platform": platform,
     }
-    bound = gate.__func__.__globals__.get(PRED)
+    bound = probe.module_globals(gate).get(PRED)
     if bound is not None:
         overrides[PRED] = _pred(bound, platform, **({"envs": envs} if envs else {}))
     if envs is not None:
@@ -190,6 +190,7 @@ def _wrap_moe_priority(changes: Changes) -> None:
             return [b for b in backends if b not in dropped]
         return backends
 
+    # Function attributes on both lines (mypy types functions without attributes).
     _get_priority_backends.__gemmguard_fix__ = NAME  # type: ignore[attr-defined]
     _get_priority_backends.__wrapped__ = original  # type: ignore[attr-defined]
     changes.setattr(oracle, "_get_priority_backends", _get_priority_backends)

@@ -77,7 +77,7 @@ def _loads_split_pair(loader: Any) -> bool:
     return len(loaded) == 1 and loaded[0].dtype == torch.bfloat16
 
 
-def _per_call(fn: ast.FunctionDef, call: ast.Call) -> bool:
+def _per_call(fn: ast.FunctionDef | ast.AsyncFunctionDef, call: ast.Call) -> bool:
     """True if the buffer passed to the loader is a fresh `{}` made in this function."""
     arg = call.args[2] if len(call.args) > 2 else None
     if not isinstance(arg, ast.Name):
@@ -169,8 +169,8 @@ def _persistent(original: Any) -> Any:
                 buf = getattr(target, _PENDING_ATTR)
         return original(name, tensor, buf, params_dict, *rest, **kwargs)
 
-    loader.__gemmguard_fix__ = NAME  # type: ignore[attr-defined]
-    loader.__wrapped__ = original  # type: ignore[attr-defined]
+    loader.__gemmguard_fix__ = NAME  # type: ignore[attr-defined]  # a function attribute
+    loader.__wrapped__ = original  # type: ignore[attr-defined]  # a function attribute
     return loader
 
 
@@ -210,6 +210,7 @@ class _WrapOnImport(importlib.abc.MetaPathFinder):
             exec_module(module)
             _wrap_module(module)
 
+        # Replaces the method on this one loader instance, which mypy disallows for methods.
         spec.loader.exec_module = exec_and_wrap  # type: ignore[method-assign]
         return spec
 

@@ -17,7 +17,7 @@ def candidate_ok() -> tuple[bool, str]:
     names = [k.__name__ for k in engine.fp8_block_candidates("CUDA")]
     if marlin.__name__ not in names:
         return False, f"Marlin is not among the CUDA FP8 block candidates {names}"
-    glob = marlin.is_supported.__func__.__globals__
+    glob = probe.module_globals(marlin.is_supported)
     overrides = {}
     if "is_fp8_marlin_supported" in glob:
         check = glob["is_fp8_marlin_supported"]
@@ -44,7 +44,8 @@ def _probe_kernels() -> dict[str, type]:
         self.config, self.layer_param_names = c, None
 
     block = type("ProbeBlock", (block_base,), {"__init__": record_block})
-    block.__abstractmethods__ = frozenset()  # constructed only, never run
+    # Constructed only, never run. typeshed's `type` lacks __abstractmethods__, which ABCMeta reads.
+    block.__abstractmethods__ = frozenset()  # type: ignore[attr-defined]
     return {
         "a Marlin subclass": type("ProbeMarlin", (marlin,), {"__init__": record_scaled}),
         "a block-scaled kernel": block,

@@ -40,6 +40,13 @@ def with_globals(
     return clone
 
 
+def module_globals(fn: Any) -> dict[str, Any]:
+    """The module globals a function, or the function under a bound or class method, reads."""
+    target = fn.__func__ if inspect.ismethod(fn) else fn
+    found: dict[str, Any] = target.__globals__
+    return found
+
+
 def with_closure(fn: Any, cells: Mapping[str, Any]) -> Any:
     """`fn` with some variables it closes over replaced (e.g. the function a wrapper wraps)."""
     if not isinstance(fn, types.FunctionType):
@@ -180,13 +187,14 @@ class FakeCudaTensor(torch.Tensor):
     """A CPU tensor that says it is on CUDA, to pass `assert t.is_cuda` in shape-only code."""
 
     @property
+    # torch's stubs declare Tensor.is_cuda a plain attribute; a read-only property stands in.
     def is_cuda(self) -> bool:  # type: ignore[override]
         return True
 
 
 def names_in_order(fn: Any) -> Iterator[list[str]]:
     """Names each code object of `fn` (and its nested functions) loads, in bytecode order."""
-    code = getattr(fn, "__code__", None) or getattr(fn, "__func__", None).__code__
+    code = getattr(fn, "__code__", None) or fn.__func__.__code__
     stack = [code]
     while stack:
         current = stack.pop()
@@ -202,7 +210,9 @@ def names_in_order(fn: Any) -> Iterator[list[str]]:
         stack.extend(c for c in current.co_consts if isinstance(c, types.CodeType))
 
 
-def functions_calling(source: str, callee: str) -> Iterator[ast.FunctionDef]:
+def functions_calling(
+    source: str, callee: str
+) -> Iterator[ast.FunctionDef | ast.AsyncFunctionDef]:
     """Functions in `source` that call `callee` by name."""
     for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and any(
@@ -211,4 +221,4 @@ def functions_calling(source: str, callee: str) -> Iterator[ast.FunctionDef]:
             and call.func.id == callee
             for call in ast.walk(node)
         ):
-            yield node  # type: ignore[misc]
+            yield node

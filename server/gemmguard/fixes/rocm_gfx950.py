@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import types
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -52,7 +53,8 @@ def mxfp4_ok() -> tuple[bool, str]:
     quark = engine.quark_config_class()
     config = quark(quant_config=quant)
     if "maybe_update_config" in vars(quark):  # 0.26 turned dynamic MXFP4 on here
-        hf = types.SimpleNamespace(model_type="deepseek_v3", quantization_config=quant)
+        # A stand-in for the two PretrainedConfig fields Quark reads.
+        hf: Any = types.SimpleNamespace(model_type="deepseek_v3", quantization_config=quant)
         config.maybe_update_config("deepseek-ai/DeepSeek-R1-MXFP4", hf_config=hf)
     if getattr(config, "dynamic_mxfp4_quant", False):
         return False, "Quark turns on dynamic MXFP4 for DeepSeek attention projections"
@@ -72,7 +74,7 @@ def gate_ok() -> tuple[bool, str]:
     usable = bool(aiter.is_aiter_found_and_supported()) and engine.on_gfx950()
     for enabled, linear in itertools.product((False, True), repeat=2):
         # A subclass reads these settings instead of the class's import-time env values.
-        variant = type("GemmguardTgemmProbe", (ops,), {
+        variant: Any = type("GemmguardTgemmProbe", (ops,), {
             "_AITER_ENABLED": enabled, "_LINEAR_ENABLED": linear})
         try:
             got = bool(variant.is_tgemm_enabled())
@@ -112,8 +114,12 @@ def guard_ok() -> tuple[bool, str]:
     if _guard_in_front():
         return True, "large shapes bypass tgemm (gemmguard's guard in front of vLLM's GEMM)"
     calls: list[tuple[int, ...]] = []
-    tgemm = types.SimpleNamespace(mm=lambda x, w, b=None: calls.append(tuple(x.shape)) or (
-        x.new_empty((*x.shape[:-1], w.shape[0]))))
+
+    def mm(x: torch.Tensor, w: torch.Tensor, b: Any = None) -> torch.Tensor:
+        calls.append(tuple(x.shape))
+        return x.new_empty((*x.shape[:-1], w.shape[0]))
+
+    tgemm = types.SimpleNamespace(mm=mm)
     rocm = types.SimpleNamespace(**{f"on_{a}": (lambda a=a: a in ("gfx9", "gfx950"))
                                     for a in ("gfx9", "gfx950", "gfx1x", "gfx11", "gfx1250")})
     fake_envs = types.SimpleNamespace(VLLM_BATCH_INVARIANT=False, VLLM_ROCM_USE_SKINNY_GEMM=False)
@@ -149,11 +155,12 @@ def _no_dynamic_mxfp4(original: Any) -> Any:
         self.dynamic_mxfp4_quant = False
         return result
 
+    # A function attribute (mypy types functions without attributes).
     maybe_update_config.__gemmguard_fix__ = NAME  # type: ignore[attr-defined]
     return maybe_update_config
 
 
-def _guarded(original: Any) -> Any:
+def _guarded(original: Callable[..., torch.Tensor]) -> Any:
     def rocm_unquantized_gemm(layer: Any, x: torch.Tensor, weight: torch.Tensor,
                               bias: torch.Tensor | None = None) -> torch.Tensor:
         n, (m, k) = x.numel() // x.size(-1), weight.shape
@@ -162,6 +169,7 @@ def _guarded(original: Any) -> Any:
             return torch.nn.functional.linear(x, weight, bias)
         return original(layer, x, weight, bias)
 
+    # Function attributes on both lines (mypy types functions without attributes).
     rocm_unquantized_gemm.__gemmguard_fix__ = NAME  # type: ignore[attr-defined]
     rocm_unquantized_gemm.__wrapped__ = original  # type: ignore[attr-defined]
     return rocm_unquantized_gemm
@@ -179,7 +187,7 @@ def _gated(cls: Any) -> bool:
                 and cls._LINEAR_ENABLED and engine.on_gfx950())
 
 
-_gated.__gemmguard_fix__ = NAME  # type: ignore[attr-defined]
+_gated.__gemmguard_fix__ = NAME  # type: ignore[attr-defined]  # a function attribute
 
 
 def patch(settings: Settings, finding: Finding, changes: Changes) -> str:

@@ -109,7 +109,7 @@ def _synchronized(fn: Callable[..., Any]) -> Callable[..., Any]:
         (accelerator.synchronize if accelerator else torch.cuda.synchronize)()
         return fn(*args, **kwargs)
 
-    reorder.__gemmguard_fix__ = NAME  # type: ignore[attr-defined]
+    reorder.__gemmguard_fix__ = NAME  # type: ignore[attr-defined]  # a function attribute
     return reorder
 
 
@@ -124,6 +124,7 @@ def convert_bf16_scales_to_fp8(
     return fp8_scales.view(orig_shape), chan_scales.view(*orig_shape[:-1], -1)
 
 
+# A function attribute (mypy types functions without attributes).
 convert_bf16_scales_to_fp8.__gemmguard_fix__ = NAME  # type: ignore[attr-defined]
 
 

@@ -12,6 +12,7 @@ per `FusedMoEConfig`, which the layer's quant method keeps as `.moe`.
 from __future__ import annotations
 
 import functools
+import types
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -156,7 +157,7 @@ def _wrap_check(original: Any) -> Any:
             _ACTIVE[-1].attempts.append(Attempt(kernel.__name__, ok, str(reason).strip()))
         return ok, reason
 
-    check.__gemmguard_wrapped__ = original  # type: ignore[attr-defined]
+    check.__gemmguard_wrapped__ = original  # type: ignore[attr-defined]  # a function attribute
     return check
 
 
@@ -175,13 +176,13 @@ def _wrap_choose(original: Any) -> Any:
             selection.attempts.append(Attempt(chosen.__name__, True))
         return chosen
 
-    choose.__gemmguard_wrapped__ = original  # type: ignore[attr-defined]
+    choose.__gemmguard_wrapped__ = original  # type: ignore[attr-defined]  # a function attribute
     return choose
 
 
 def cpu_gemm_name(fn: Any) -> str:
     """Name the function a CPU layer's `cpu_linear` calls (vLLM stores a lambda)."""
-    code = getattr(fn, "__code__", None)
+    code: types.CodeType | None = getattr(fn, "__code__", None)
     if code is None:
         return getattr(fn, "__qualname__", type(fn).__name__)
     names = code.co_names
@@ -201,12 +202,12 @@ def _wrap_cpu_dispatch(original: Any) -> Any:
     def dispatch(layer: Any, *args: Any, **kwargs: Any) -> Any:
         selection = Selection()
         ops = vllm_adapter.custom_ops()
-        create = getattr(ops, "create_onednn_mm", None)
+        create: Any = getattr(ops, "create_onednn_mm", None)
 
         def watched_create(*c_args: Any, **c_kwargs: Any) -> Any:
             # vLLM catches this failure and falls back to F.linear, logging it only once.
             try:
-                return create(*c_args, **c_kwargs)  # type: ignore[misc]
+                return create(*c_args, **c_kwargs)
             except RuntimeError as exc:
                 selection.attempts.append(Attempt("onednn_mm", False, str(exc).strip()))
                 raise
@@ -223,5 +224,5 @@ def _wrap_cpu_dispatch(original: Any) -> Any:
         _BY_LAYER[id(layer)] = selection
         return result
 
-    dispatch.__gemmguard_wrapped__ = original  # type: ignore[attr-defined]
+    dispatch.__gemmguard_wrapped__ = original  # type: ignore[attr-defined]  # a function attribute
     return dispatch

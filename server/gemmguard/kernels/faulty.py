@@ -35,7 +35,7 @@ def e8m0_requantize(weight: torch.Tensor, scale: torch.Tensor,
     """fp32 weight after DeepGEMM-style re-quantization to power-of-two block scales."""
     dequantized = numerics.dequantize_fp8_block(weight, scale, block)
     pow2 = _pow2(scale.float())
-    expanded = numerics.expand_block_scales(pow2, block, tuple(weight.shape))  # type: ignore[arg-type]
+    expanded = numerics.expand_block_scales(pow2, block, tuple(weight.shape))
     q = (dequantized / expanded).clamp(-numerics.FP8_MAX, numerics.FP8_MAX)
     return q.to(numerics.FP8_DTYPE).float() * expanded
 
@@ -56,7 +56,7 @@ def build_faulty_kernels(honest: Any, names: tuple[str, ...]) -> list[type]:
         group = kernel.config.weight_quant_key.scale.group_shape
         return int(group.row), int(group.col)
 
-    class E8M0RequantFp8BlockKernel(honest):  # type: ignore[misc, valid-type]
+    class E8M0RequantFp8BlockKernel(honest):  # type: ignore[misc]  # a base found at run time (Any)
         """Power-of-two block scales for weights and activations (DeepGEMM UE8M0)."""
 
         def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
@@ -69,7 +69,7 @@ def build_faulty_kernels(honest: Any, names: tuple[str, ...]) -> list[type]:
                                   As: torch.Tensor, Bs: torch.Tensor) -> torch.Tensor:
             return e8m0_activations(A, block_of(self)[1]) @ B.t()
 
-    class GarbageFp8BlockKernel(honest):  # type: ignore[misc, valid-type]
+    class GarbageFp8BlockKernel(honest):  # type: ignore[misc]  # a base found at run time (Any)
         """Noise with the output's shape and scale."""
 
         def apply_block_scaled_mm(self, A: torch.Tensor, B: torch.Tensor,
@@ -81,7 +81,7 @@ def build_faulty_kernels(honest: Any, names: tuple[str, ...]) -> list[type]:
             noise = torch.sin(index * 12.9898).reshape(out.shape)
             return (noise * out.float().std()).to(out.dtype)
 
-    class CorruptBlockFp8BlockKernel(honest):  # type: ignore[misc, valid-type]
+    class CorruptBlockFp8BlockKernel(honest):  # type: ignore[misc]  # a base found at run time (Any)
         """Right everywhere but one 128-row block of outputs, which holds stale values."""
 
         def apply_block_scaled_mm(self, A: torch.Tensor, B: torch.Tensor,

@@ -18,7 +18,7 @@ Forward passes make no torch.Generator: torch.compile cannot trace one made insi
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -55,15 +55,21 @@ def smallest_expert(w13: torch.Tensor) -> int:
     return int(w13.detach().float().abs().amax(dim=(1, 2)).argmin())
 
 
+def _expert_weight(layer: torch.nn.Module, name: str) -> torch.Tensor:
+    """An MoE layer's expert weight Parameter (nn.Module attributes are typed Tensor | Module)."""
+    return cast(torch.Tensor, getattr(layer, name))
+
+
 def build_faulty_moe_kernels(honest: type, names: tuple[str, ...]) -> list[type]:
     """Faulty experts (by short name, see FAULTY_MOE_KERNELS) on vLLM's CPU experts class."""
 
-    class E8M0RequantCPUExperts(honest):  # type: ignore[misc, valid-type]
+    class E8M0RequantCPUExperts(honest):  # type: ignore[misc]  # a base found at run time (Any)
         """Power-of-two fp8 block scales for expert weights and activations (DeepGEMM UE8M0)."""
 
         def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
-            layer.w13_weight.data.copy_(e8m0_requantize_experts(layer.w13_weight.data))
-            layer.w2_weight.data.copy_(e8m0_requantize_experts(layer.w2_weight.data))
+            for name in ("w13_weight", "w2_weight"):
+                weight = _expert_weight(layer, name).data
+                weight.copy_(e8m0_requantize_experts(weight))
             super().process_weights_after_loading(layer)
 
         def apply(self, output: torch.Tensor, hidden_states: torch.Tensor,
@@ -72,7 +78,7 @@ def build_faulty_moe_kernels(honest: type, names: tuple[str, ...]) -> list[type]
             quantized = e8m0_activations(hidden_states, group).to(hidden_states.dtype)
             super().apply(output, quantized, *args, **kwargs)
 
-    class GarbageCPUExperts(honest):  # type: ignore[misc, valid-type]
+    class GarbageCPUExperts(honest):  # type: ignore[misc]  # a base found at run time (Any)
         """Noise with the output's shape and scale."""
 
         def apply(self, output: torch.Tensor, *args: Any, **kwargs: Any) -> None:
@@ -82,12 +88,12 @@ def build_faulty_moe_kernels(honest: type, names: tuple[str, ...]) -> list[type]
             noise = torch.sin(index * 12.9898).reshape(output.shape)
             output.copy_((noise * output.float().std()).to(output.dtype))
 
-    class CorruptExpertCPUExperts(honest):  # type: ignore[misc, valid-type]
+    class CorruptExpertCPUExperts(honest):  # type: ignore[misc]  # a base found at run time (Any)
         """One expert's down projection in reversed row order; every other expert right."""
 
         def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
-            expert = smallest_expert(layer.w13_weight)
-            w2 = layer.w2_weight.data
+            expert = smallest_expert(_expert_weight(layer, "w13_weight"))
+            w2 = _expert_weight(layer, "w2_weight").data
             w2[expert] = w2[expert].flip(0)
             super().process_weights_after_loading(layer)
 

@@ -45,7 +45,7 @@ def build_kernels() -> tuple[type, type]:
     """Create the kernel classes on vLLM's FP8 block kernel base of the installed version."""
     base: Any = vllm_adapter.fp8_block_kernel_base()
 
-    class PortableFp8BlockKernel(base):  # type: ignore[misc, valid-type]
+    class PortableFp8BlockKernel(base):  # type: ignore[misc]  # a base found at run time (Any)
         """What both portable kernels share: they run anywhere torch runs."""
 
         apply_input_quant = False  # each quantizes (or not) in apply_block_scaled_mm

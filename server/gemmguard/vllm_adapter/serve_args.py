@@ -27,16 +27,17 @@ def serve_parser(parser_cls: type, prog: str = "gemmguard serve") -> tuple[Any, 
 
 
 def _parse(args: list[str]) -> argparse.Namespace:
-    base = vllm_adapter.flexible_argument_parser()
+    base: Any = vllm_adapter.flexible_argument_parser()
 
-    class RaisingParser(base):  # type: ignore[misc, valid-type]
+    class RaisingParser(base):  # type: ignore[misc]  # a base found at run time (Any)
         def error(self, message: str) -> NoReturn:
             raise UsageError(f"{message}. See `gemmguard serve --help` and "
                              "`python -m gemmguard.apiserver --help` for vLLM's options.")
 
     parser, _ = serve_parser(RaisingParser)
     try:
-        return parser.parse_args(["serve", *args])  # type: ignore[no-any-return]
+        parsed: argparse.Namespace = parser.parse_args(["serve", *args])
+        return parsed
     except (OSError, ValueError) as exc:  # e.g. a --config file that is missing or not YAML
         raise UsageError(f"vLLM cannot read these options: {exc}") from exc
 
