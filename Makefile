@@ -19,7 +19,7 @@ $(VENV)/.installed: pyproject.toml constraints/cpu.txt
 	$(PIP) uninstall --yes --quiet torchvision torchaudio torchcodec
 	touch $@
 
-$(VENV)/.installed-dev: $(VENV)/.installed
+$(VENV)/.installed-dev: $(VENV)/.installed pyproject.toml constraints/cpu.txt
 	$(PIP_INSTALL) -e '.[cpu,dev,eval]'
 	$(PIP) uninstall --yes --quiet torchvision torchaudio torchcodec
 	touch $@
@@ -44,10 +44,12 @@ demo: install
 
 test: install-dev tools
 	$(VENV)/bin/ruff check server tests benchmarks scripts
+	$(VENV)/bin/mypy
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m pytest
 
 lint: install-dev
 	$(VENV)/bin/ruff check server tests benchmarks scripts
+	$(VENV)/bin/mypy
 
 # gemmguard against plain vLLM with vLLM's own `vllm bench serve` (A/B and A/A), plus gemmguard's
 # own figures; about 15 minutes on a 2-core box. docs/benchmarks.md says how to read it.
@@ -55,4 +57,4 @@ bench: install-dev
 	$(PY) -m benchmarks --out docs/bench-cpu
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .pytest_cache .mypy_cache
