@@ -103,8 +103,17 @@ def test_moe_demo_checks_every_moe_layer_per_expert_and_serves(healthy: Server) 
         for expert in row["experts"]:
             assert expert["verdict"] == "pass" and expert["bits"] > 5
     kernels = healthy.get("/gemmguard/v1/kernels").json()["ranks"][0]["layers"]
-    assert [r["kernel"] for r in kernels if r["layer_type"] == "moe"] == \
-        ["CPUUnquantizedExperts"] * len(MOE_LAYERS)
+    moe_kernels = [r for r in kernels if r["layer_type"] == "moe"]
+    assert [r["kernel"] for r in moe_kernels] == ["CPUUnquantizedExperts"] * len(MOE_LAYERS)
+    # vLLM's CPU oracle asks the ISA-specific experts first; this CPU's vLLM turned them down.
+    for row in moe_kernels:
+        assert row["preferred"] == "X86CPUUnquantizedExperts", row
+        assert [t["kernel"] for t in row["turned_down"]] == [
+            "X86CPUUnquantizedExperts", "ArmCPUUnquantizedExperts",
+            "PowerCPUUnquantizedExperts"], row
+        for turned in row["turned_down"]:
+            assert turned["accepted"] is False, row
+            assert turned["reason"].startswith("kernel does not support"), row
     assert _metric(healthy, "gemmguard_selfcheck_layers", result="unchecked") == 0
     assert _chat(healthy) is not None
 
