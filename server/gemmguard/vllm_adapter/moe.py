@@ -84,6 +84,7 @@ def _wrap_oracle(oracle: ModuleType, wrap: CandidateWrap) -> None:
     def backend_to_kernel_cls(backend: Any) -> list[type]:
         return wrap(backend, list(original(backend)))
 
+    # A function attribute, and a module attribute vLLM defines: mypy's types declare neither.
     backend_to_kernel_cls.__gemmguard_wrapped__ = original  # type: ignore[attr-defined]
     oracle.backend_to_kernel_cls = backend_to_kernel_cls  # type: ignore[attr-defined]
 
@@ -143,7 +144,8 @@ def watch_support_check(cls: type) -> None:
     def is_supported_config(kernel: type, moe_config: Any, *args: Any,
                             **kwargs: Any) -> tuple[bool, str | None]:
         def ask() -> tuple[bool, str | None]:
-            return original(kernel, moe_config, *args, **kwargs)  # type: ignore[no-any-return]
+            answer: tuple[bool, str | None] = original(kernel, moe_config, *args, **kwargs)
+            return answer
 
         if _IN_CHECK or not _SUPPORT_CHECKS:
             return ask()
@@ -156,7 +158,7 @@ def watch_support_check(cls: type) -> None:
         finally:
             _IN_CHECK.pop()
 
-    is_supported_config.__gemmguard_wrapped__ = original  # type: ignore[attr-defined]
+    is_supported_config.__gemmguard_wrapped__ = original  # type: ignore[attr-defined]  # a function attribute
     setattr(cls, "is_supported_config", staticmethod(is_supported_config))  # noqa: B010
     setattr(cls, "__gemmguard_watched__", True)  # noqa: B010
 
