@@ -84,8 +84,8 @@ def _wrap_oracle(oracle: ModuleType, wrap: CandidateWrap) -> None:
     def backend_to_kernel_cls(backend: Any) -> list[type]:
         return wrap(backend, list(original(backend)))
 
-    # A function attribute, and a module attribute vLLM defines: mypy's types declare neither.
-    backend_to_kernel_cls.__gemmguard_wrapped__ = original  # type: ignore[attr-defined]
+    backend_to_kernel_cls.__gemmguard_wrapped__ = original  # type: ignore[attr-defined]  # a function attribute
+    # A module attribute vLLM defines; mypy's ModuleType declares none.
     oracle.backend_to_kernel_cls = backend_to_kernel_cls  # type: ignore[attr-defined]
 
 
