@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import inspect
+from pathlib import Path
 
 import pytest
 import vllm
@@ -81,3 +82,22 @@ def test_key_compile_cache_changes_the_hash_vllm_keys_its_compile_caches_by() ->
         keyed = config.compute_hash()
         assert vllm_adapter.key_compile_cache("gemmguard_kernels", "b")
     assert len({before, keyed, config.compute_hash()}) == 3
+
+
+def test_greedy_params_are_vllms_sampling_params() -> None:
+    from vllm import SamplingParams
+
+    params = vllm_adapter.greedy_params(1)
+    assert isinstance(params, SamplingParams)
+    assert params.max_tokens == 1 and params.temperature == 0.0
+
+
+def test_engine_args_read_options_as_vllm_serve_does(tmp_path: Path) -> None:
+    config = tmp_path / "engine.yaml"
+    config.write_text("max_num_seqs: 3\n")
+    args = vllm_adapter.engine_args(["--model", "m", "--max_model_len", "512",
+                                     "--config", str(config)])
+    assert (args.model, args.max_model_len, args.max_num_seqs) == ("m", 512, 3)
+    from vllm.v1.engine.llm_engine import LLMEngine
+
+    assert callable(LLMEngine.from_engine_args)  # what offline_engine calls

@@ -19,6 +19,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from gemmguard import vllm_adapter
+
 logger = logging.getLogger("vllm.gemmguard")
 
 _IDS = itertools.count()
@@ -107,9 +109,7 @@ class Liveness:
 
     async def probe(self) -> None:
         """Send one canary and record its outcome."""
-        from vllm import SamplingParams
-
-        params = SamplingParams(max_tokens=1, temperature=0.0)
+        params = vllm_adapter.greedy_params(1)
         request_id = f"gemmguard-canary-{next(_IDS)}"
         start = time.monotonic()
         self.canaries_sent += 1

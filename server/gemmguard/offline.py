@@ -21,14 +21,9 @@ def start_engine(model: str, vllm_argv: list[str], deny_kernels: list[str]) -> A
     os.environ.update(engine_env(dict(os.environ), deny_kernels))
     # vLLM logs to stdout by default; keep stdout for the table or JSON this command prints.
     os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
-    from vllm.engine.arg_utils import EngineArgs
-    from vllm.v1.engine.llm_engine import LLMEngine
-
-    parser = EngineArgs.add_cli_args(vllm_adapter.flexible_argument_parser()())
-    args = parser.parse_args(
-        ["--model", model, *vllm_argv, "--worker-extension-cls", EXTENSION_CLS]
-    )
-    return LLMEngine.from_engine_args(EngineArgs.from_cli_args(args))
+    args = vllm_adapter.engine_args(
+        ["--model", model, *vllm_argv, "--worker-extension-cls", EXTENSION_CLS])
+    return vllm_adapter.offline_engine(args)
 
 
 def format_kernel_table(ranks: list[list[dict[str, Any]]]) -> str:

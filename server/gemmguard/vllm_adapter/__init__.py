@@ -322,6 +322,31 @@ def synchronize(device: Any) -> None:
         torch.cuda.synchronize(device)
 
 
+def greedy_params(max_tokens: int = 1) -> Any:
+    """vLLM's sampling parameters for `max_tokens` greedy tokens (0.26–0.33: SamplingParams)."""
+    from vllm import SamplingParams
+
+    return SamplingParams(max_tokens=max_tokens, temperature=0.0)
+
+
+def engine_args(argv: list[str]) -> Any:
+    """vLLM's EngineArgs from `vllm serve`-style options (config files, both spellings).
+
+    0.26–0.33: `EngineArgs.add_cli_args` on a FlexibleArgumentParser, then `from_cli_args`.
+    """
+    from vllm.engine.arg_utils import EngineArgs
+
+    parser = EngineArgs.add_cli_args(flexible_argument_parser()())
+    return EngineArgs.from_cli_args(parser.parse_args(argv))
+
+
+def offline_engine(args: Any) -> Any:
+    """A V1 engine without a server (0.26–0.33: `vllm.v1.engine.llm_engine.LLMEngine`)."""
+    from vllm.v1.engine.llm_engine import LLMEngine
+
+    return LLMEngine.from_engine_args(args)
+
+
 def key_compile_cache(name: str, value: str) -> bool:
     """Make `value` part of vLLM's torch.compile cache keys for the model being loaded.
 
