@@ -167,12 +167,13 @@ def start_prometheus(tmp: Path, rules: Path, targets: dict[str, int]) -> Prometh
     assert check.returncode == 0, check.stdout + check.stderr
     port = free_port()
     log_path = tmp / "prometheus.log"
-    process = subprocess.Popen(
-        [tool("prometheus"), f"--config.file={tmp / 'prometheus.yml'}",
-         f"--storage.tsdb.path={tmp / 'data'}", f"--web.listen-address=127.0.0.1:{port}",
-         "--log.level=warn"],
-        stdout=log_path.open("wb"), stderr=subprocess.STDOUT, start_new_session=True,
-    )
+    with log_path.open("wb") as log:  # the child keeps its own descriptor
+        process = subprocess.Popen(
+            [tool("prometheus"), f"--config.file={tmp / 'prometheus.yml'}",
+             f"--storage.tsdb.path={tmp / 'data'}", f"--web.listen-address=127.0.0.1:{port}",
+             "--log.level=warn"],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
     prometheus = Prometheus(process, f"http://127.0.0.1:{port}", log_path)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -203,8 +204,9 @@ def launch(name: str, scenario: Scenario, tmp: Path) -> Server:
     log_path = tmp / f"{name}-{time.monotonic_ns()}.log"
     cmd = [sys.executable, "-m", "gemmguard.cli", "serve", *scenario.args, *FAST_ENGINE_ARGS,
            "--host", "127.0.0.1", "--port", str(scenario.port)]
-    process = subprocess.Popen(cmd, stdout=log_path.open("wb"), stderr=subprocess.STDOUT,
-                               env={**os.environ, **scenario.env}, start_new_session=True)
+    with log_path.open("wb") as log:  # the child keeps its own descriptor
+        process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+                                   env={**os.environ, **scenario.env}, start_new_session=True)
     return Server(process, f"http://127.0.0.1:{scenario.port}", log_path)
 
 

@@ -101,7 +101,8 @@ def test_gsm8k_runs_offline_and_scores_every_sample(server: Server, tmp_path: Pa
     assert result["n_samples"]["gsm8k_local"] == {"original": 1319, "effective": 4}
     assert result["run"]["model_type"] == "local-completions"
     assert result["run"]["model"] == "gemmguard-demo"
-    local = [json.loads(line) for line in (EVALS / "data/gsm8k/test.jsonl").open()][:4]
+    local = [json.loads(line)
+             for line in (EVALS / "data/gsm8k/test.jsonl").read_text().splitlines()][:4]
     samples = result["samples"]["gsm8k_local"]
     assert [s["target"] for s in samples] == [row["answer"] for row in local]
 
