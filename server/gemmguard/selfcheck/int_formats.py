@@ -27,6 +27,7 @@ import torch
 from gemmguard.selfcheck.schemes import (
     NO_ACTIVATION_QUANT,
     Activation,
+    RowsPerExpert,
     Unchecked,
     rows_of_extremes,
 )
@@ -313,7 +314,7 @@ class IntLinearFormat:
         return self._activation
 
 
-class IntMoeFormat:
+class IntMoeFormat(RowsPerExpert):
     """Packed-int experts (compressed-tensors WNA16 and W4A8, GPTQ, AWQ) with an expert dim."""
 
     def __init__(self, bits: int, activation: Activation) -> None:
@@ -362,13 +363,6 @@ class IntMoeFormat:
                               None, 0, k)
         raise _mismatch(f"{which}_qweight {tuple(packed.shape)} fits neither GPTQ nor AWQ "
                         f"packing with scales {tuple(scale.shape)}")
-
-    def w13(self, module: Any, expert: int) -> torch.Tensor:
-        tensors = self.tensors(module, "w13", expert)
-        return tensors.rows(torch.arange(tensors.n_rows))
-
-    def w2_rows(self, module: Any, expert: int, rows: torch.Tensor) -> torch.Tensor:
-        return self.tensors(module, "w2", expert).rows(rows)
 
     def expert_magnitude(self, module: Any) -> torch.Tensor:
         scale = _tensor(module, "w13_weight_scale")

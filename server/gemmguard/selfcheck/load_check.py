@@ -139,9 +139,7 @@ class LayerCheck:
                                     self.check.config.seed, phases=phases)
 
     def _phase(self, name: str, since: float) -> float:
-        now = time.perf_counter()
-        self.check.phases[name] = self.check.phases.get(name, 0.0) + now - since
-        return now
+        return measure.add_phase(self.check.phases, name, since)
 
     def run(self) -> None:
         # vLLM loads under a bf16 default dtype; the check's fp32 references must not inherit it.

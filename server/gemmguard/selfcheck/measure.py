@@ -142,7 +142,7 @@ class _Worst:
                            _finite(worst_block), self.tokens)
 
 
-def _add_phase(phases: dict[str, float] | None, name: str, since: float) -> float:
+def add_phase(phases: dict[str, float] | None, name: str, since: float) -> float:
     """Add the seconds since `since` to `phases[name]` (when timing is asked for)."""
     now = time.perf_counter()
     if phases is not None:
@@ -165,14 +165,14 @@ def check_linear(module: Any, sample: LinearSample, kernel: str, layer_type: str
     outs = [module.quant_method.apply(module, x)[:, rows].float() for x in xs]
     if phases is not None:
         vllm_adapter.synchronize(device)  # so that "kernel" is the kernel's time
-    start = _add_phase(phases, "kernel", start)
+    start = add_phase(phases, "kernel", start)
     worst = _Worst()
     try:
         _compare(worst, sample, xs, outs, device)
     except ZeroDivisionError as exc:
         return unchecked(sample.layer, layer_type, kernel, sample.scheme, str(exc))
     finally:
-        _add_phase(phases, "reference", start)
+        add_phase(phases, "reference", start)
     return worst.result(sample.layer, layer_type, kernel, sample.scheme)
 
 
@@ -261,10 +261,10 @@ def check_moe(module: Any, sample: MoeSample, kernel: str, seed: int = 0,
             out = vllm_adapter.moe_apply(module, x.to(device), weights.to(device),
                                          ids.to(device))
             y = out[:, rows].float().cpu()
-            start = _add_phase(phases, "kernel", start)
+            start = add_phase(phases, "kernel", start)
             exact = reference.moe_exact(sample, x, weights, ids)
             ideal = reference.moe_ideal(sample, x, weights, ids, rounding)
-            _add_phase(phases, "reference", start)
+            add_phase(phases, "reference", start)
             worst.add(y, exact, ideal, sample.rows, tokens)
             for expert, global_id in zip(sample.experts, sample.global_ids, strict=True):
                 mine = ids[:, 0] == global_id

@@ -24,6 +24,7 @@ from gemmguard import numerics
 from gemmguard.selfcheck.schemes import (
     NO_ACTIVATION_QUANT,
     Activation,
+    RowsPerExpert,
     Unchecked,
     _per_shard_rows,
     rows_of_extremes,
@@ -211,7 +212,7 @@ def _backend_name(module: Any) -> str:
     return ""
 
 
-class MicroscaledMoeFormat:
+class MicroscaledMoeFormat(RowsPerExpert):
     """mxfp4, mxfp8 and nvfp4 experts (compressed-tensors, ModelOpt, gpt-oss style)."""
 
     def __init__(self, fmt: str) -> None:
@@ -241,13 +242,6 @@ class MicroscaledMoeFormat:
         # w13: gate rows then up rows, one global scale each (or one for both).
         shard = (torch.arange(n_rows) * per_shard.numel()) // n_rows
         return per_shard[shard]
-
-    def w13(self, module: Any, expert: int) -> torch.Tensor:
-        tensors = self.tensors(module, "w13", expert)
-        return tensors.rows(torch.arange(tensors.n_rows))
-
-    def w2_rows(self, module: Any, expert: int, rows: torch.Tensor) -> torch.Tensor:
-        return self.tensors(module, "w2", expert).rows(rows)
 
     def expert_magnitude(self, module: Any) -> torch.Tensor:
         values = _required(module, "w13_weight_packed", "w13_weight")

@@ -54,6 +54,29 @@ class LinearFormat(Protocol):
     def activation(self, module: Any, kernel: Any) -> Activation: ...
 
 
+class ExpertRows(Protocol):
+    """One expert's packed weights, read row by row in fp32."""
+
+    @property
+    def n_rows(self) -> int: ...
+
+    def rows(self, rows: torch.Tensor) -> torch.Tensor: ...
+
+
+class RowsPerExpert:
+    """`w13` and `w2_rows` of an MoE format whose `tensors` gives one expert's `ExpertRows`."""
+
+    def tensors(self, module: Any, which: str, expert: int) -> ExpertRows:
+        raise NotImplementedError
+
+    def w13(self, module: Any, expert: int) -> torch.Tensor:
+        tensors = self.tensors(module, "w13", expert)
+        return tensors.rows(torch.arange(tensors.n_rows))
+
+    def w2_rows(self, module: Any, expert: int, rows: torch.Tensor) -> torch.Tensor:
+        return self.tensors(module, "w2", expert).rows(rows)
+
+
 class MoeFormat(Protocol):
     def w13(self, module: Any, expert: int) -> torch.Tensor:
         """fp32 (2I, H) of one local expert: gate rows then up rows."""
