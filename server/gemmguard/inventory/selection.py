@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gemmguard import ledger, vllm_adapter
+from gemmguard.vllm_adapter import layer as layer_view
 
 DENIED = "denied"
 SELFCHECK = "selfcheck"
@@ -219,7 +220,7 @@ def _wrap_cpu_dispatch(original: Any) -> Any:
         finally:
             if create is not None:
                 ops.create_onednn_mm = create
-        chosen = cpu_gemm_name(getattr(layer, "cpu_linear", None))
+        chosen = cpu_gemm_name(layer_view.cpu_linear(layer))
         selection.attempts.append(Attempt(chosen, True))
         _BY_LAYER[id(layer)] = selection
         return result

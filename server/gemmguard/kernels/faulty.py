@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from gemmguard import numerics
-from gemmguard.kernels.portable_fp8_block import block_scale
+from gemmguard.vllm_adapter import layer as layer_view
 
 FAULTY_KERNELS = {
     "e8m0": "E8M0RequantFp8BlockKernel",
@@ -53,16 +53,14 @@ def build_faulty_kernels(honest: Any, names: tuple[str, ...]) -> list[type]:
     """Faulty kernels (by short name: e8m0, garbage, corrupt-block) on the portable base."""
 
     def block_of(kernel: Any) -> tuple[int, int]:
-        group = kernel.config.weight_quant_key.scale.group_shape
-        return int(group.row), int(group.col)
+        return layer_view.config_block_shape(layer_view.kernel_config(kernel))
 
     class E8M0RequantFp8BlockKernel(honest):  # type: ignore[misc]  # a base found at run time (Any)
         """Power-of-two block scales for weights and activations (DeepGEMM UE8M0)."""
 
         def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
-            params = self._get_layer_params(layer)
-            weight = e8m0_requantize(params.weight.data, block_scale(params)[1].data,
-                                     block_of(self))
+            params = layer_view.block_scaled_params(self, layer)
+            weight = e8m0_requantize(params.weight.data, params.scale.data, block_of(self))
             layer.weight = torch.nn.Parameter(weight, requires_grad=False)
 
         def apply_block_scaled_mm(self, A: torch.Tensor, B: torch.Tensor,

@@ -18,12 +18,13 @@ Forward passes make no torch.Generator: torch.compile cannot trace one made insi
 
 from __future__ import annotations
 
-from typing import Any, cast
+from typing import Any
 
 import torch
 
 from gemmguard import numerics
 from gemmguard.kernels.faulty import e8m0_activations
+from gemmguard.vllm_adapter import layer as layer_view
 
 FAULTY_MOE_KERNELS = {
     "moe-e8m0": "E8M0RequantCPUExperts",
@@ -56,8 +57,11 @@ def smallest_expert(w13: torch.Tensor) -> int:
 
 
 def _expert_weight(layer: torch.nn.Module, name: str) -> torch.Tensor:
-    """An MoE layer's expert weight Parameter (nn.Module attributes are typed Tensor | Module)."""
-    return cast(torch.Tensor, getattr(layer, name))
+    """An MoE layer's expert weight Parameter (`w13_weight`, `w2_weight`)."""
+    weight = layer_view.tensor(layer, name)
+    if weight is None:
+        raise TypeError(f"{type(layer).__name__} holds no {name}: not an unquantized MoE layer")
+    return weight
 
 
 def build_faulty_moe_kernels(honest: type, names: tuple[str, ...]) -> list[type]:

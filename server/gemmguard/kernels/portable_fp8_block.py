@@ -18,21 +18,12 @@ from typing import Any
 import torch
 
 from gemmguard import numerics, vllm_adapter
+from gemmguard.vllm_adapter import layer as layer_view
 
 _OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
-def _block_shape(config: Any) -> tuple[int, int]:
-    group = config.weight_quant_key.scale.group_shape
-    return int(group.row), int(group.col)
-
-
-def block_scale(params: Any) -> tuple[str, torch.Tensor]:
-    """(attribute name, tensor) of the block scale: `weight_scale_inv` (Fp8LinearMethod) or
-    `weight_scale` (compressed-tensors). vLLM 0.32+ has a property for this; 0.26 does not."""
-    if getattr(params, "weight_scale_inv", None) is not None:
-        return "weight_scale_inv", params.weight_scale_inv
-    return "weight_scale", params.weight_scale
+_block_shape = layer_view.config_block_shape
 
 
 def _replace_parameter(layer: torch.nn.Module, name: str, value: torch.Tensor) -> None:
@@ -70,11 +61,11 @@ def build_kernels() -> tuple[type, type]:
         """W8A16: weights dequantized to the activation dtype at load, one GEMM per call."""
 
         def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
-            params = self._get_layer_params(layer)
+            params = layer_view.block_scaled_params(self, layer)
             weight = numerics.dequantize_fp8_block(
-                params.weight.data, block_scale(params)[1].data, _block_shape(self.config)
+                params.weight.data, params.scale.data, _block_shape(self.config)
             )
-            _replace_parameter(layer, params.WEIGHT, weight.to(self.config.out_dtype))
+            _replace_parameter(layer, params.weight_name, weight.to(self.config.out_dtype))
 
         def apply_block_scaled_mm(self, A: torch.Tensor, B: torch.Tensor,
                                   As: torch.Tensor, Bs: torch.Tensor) -> torch.Tensor:
@@ -85,9 +76,8 @@ def build_kernels() -> tuple[type, type]:
         """W8A8: 1×128 fp8 activation groups and 128×128 fp8 weight blocks, computed in fp32."""
 
         def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
-            params = self._get_layer_params(layer)
-            name, scale = block_scale(params)
-            _replace_parameter(layer, name, scale.data.float())
+            params = layer_view.block_scaled_params(self, layer)
+            _replace_parameter(layer, params.scale_name, params.scale.data.float())
 
         def apply_block_scaled_mm(self, A: torch.Tensor, B: torch.Tensor,
                                   As: torch.Tensor, Bs: torch.Tensor) -> torch.Tensor:

@@ -31,6 +31,7 @@ from gemmguard.selfcheck.schemes import (
     Unchecked,
     rows_of_extremes,
 )
+from gemmguard.vllm_adapter import layer
 
 # AWQ packs the 8 (or 4) columns of a word in this order; AWQ_ORDER[b][i] is the column at slot i.
 AWQ_ORDER = {4: (0, 2, 4, 6, 1, 3, 5, 7), 8: (0, 2, 1, 3)}
@@ -184,24 +185,23 @@ class PackedInts:
                           + rows_of_extremes(scale.amin(dim=1))))
 
 
-def _tensor(module: Any, name: str) -> torch.Tensor | None:
-    value = getattr(module, name, None)
-    return value if isinstance(value, torch.Tensor) else None
-
-
-def _quant_config(module: Any) -> Any:
-    method = getattr(module, "quant_method", None)
-    return getattr(method, "quant_config", None)
+_tensor = layer.tensor
 
 
 def _gptq_zero_offset(module: Any) -> int:
     # GPTQ v1 checkpoints store zero points minus one; "gptq_v2" ones store them as they are.
-    return 0 if getattr(_quant_config(module), "checkpoint_format", "") == "gptq_v2" else 1
+    return 0 if layer.config_setting(module, "checkpoint_format") == "gptq_v2" else 1
+
+
+def _symmetric(module: Any) -> bool:
+    """GPTQ-Marlin says `is_sym`, GPTQ `sym`; symmetric unless the config says otherwise."""
+    sym = layer.config_setting(module, "is_sym", "sym")
+    return True if sym is None else bool(sym)
 
 
 def linear_tensors(module: Any, bits: int, zero_points: bool, has_g_idx: bool) -> PackedInts:
     """The packed weight of a linear layer, whichever of the three formats it was loaded as."""
-    k = getattr(module, "input_size_per_partition", None)
+    k = layer.input_size_per_partition(module)
     packed = _tensor(module, "weight_packed")
     if packed is not None and packed.dtype == torch.int8:  # compressed-tensors int-quantized
         return PackedInts("unpacked", bits, packed, _required_scale(module, "weight_scale"),
@@ -248,8 +248,8 @@ def _g_idx(module: Any, name: str, active: bool) -> torch.Tensor | None:
 
 
 def _bits_of(scheme: str, kernel: Any) -> int:
-    weight_type = getattr(getattr(kernel, "config", None), "weight_type", None)
-    bits = getattr(weight_type, "size_bits", None)
+    mixed = layer.mixed_precision_config(kernel)
+    bits = mixed["bits"] if mixed is not None else None
     if bits:
         return int(bits)
     try:
@@ -268,14 +268,13 @@ class IntLinearFormat:
     """w{bits}a16 (GPTQ, AWQ, compressed-tensors) and w4a8 linear layers."""
 
     def __init__(self, scheme: str, kernel: Any) -> None:
-        config = getattr(kernel, "config", None)
+        mixed = layer.mixed_precision_config(kernel)
         self.scheme = scheme
         self.bits = _bits_of(scheme, kernel)
         # None: no kernel config (vLLM ≤ 0.26's GPTQ/AWQ methods); read from the quant config.
-        self.zero_points: bool | None = None if config is None else \
-            bool(getattr(config, "zero_points", False))
-        self.has_g_idx = bool(getattr(config, "has_g_idx", False))
-        act_type = getattr(config, "act_type", None)
+        self.zero_points: bool | None = None if mixed is None else mixed["zero_points"]
+        self.has_g_idx = bool(mixed and mixed["has_g_idx"])
+        act_type = mixed["act_type"] if mixed is not None else None
         if "-int8-" in scheme:  # W4A8-int: bf16 declared, int8 per token inside the kernel
             act_type = torch.int8
         elif act_type is None:
@@ -288,16 +287,15 @@ class IntLinearFormat:
         self._activation = by_dtype.get(act_type, NO_ACTIVATION_QUANT)
 
     def tensors(self, module: Any) -> PackedInts:
-        holder = type(getattr(module, "scheme", None)).__name__
+        holder = type(layer.quant_scheme(module)).__name__
         if holder in INT_ACTIVATION_SCHEMES:
             raise Unchecked(f"no reference for scheme {self.scheme} under {holder} "
                             "(activations quantized to int inside the kernel)")
         zero_points, has_g_idx = self.zero_points, self.has_g_idx
         if zero_points is None:
-            config = _quant_config(module)
-            zero_points = not getattr(config, "is_sym", getattr(config, "sym", True)) or \
-                bool(getattr(config, "zero_point", False))
-            has_g_idx = bool(getattr(config, "desc_act", False))
+            zero_points = not _symmetric(module) or \
+                bool(layer.config_setting(module, "zero_point"))
+            has_g_idx = bool(layer.config_setting(module, "desc_act"))
         return linear_tensors(module, self.bits, zero_points, has_g_idx)
 
     def n_rows(self, module: Any) -> int:
@@ -322,7 +320,6 @@ class IntMoeFormat(RowsPerExpert):
         self._activation = activation
 
     def tensors(self, module: Any, which: str, expert: int) -> PackedInts:
-        method = getattr(module, "quant_method", None)
         packed = _tensor(module, f"{which}_weight_packed")
         k = _expert_k(module, which)
         unpacked = _tensor(module, f"{which}_weight")
@@ -334,9 +331,9 @@ class IntMoeFormat(RowsPerExpert):
             if scale is None or packed.ndim != 3:
                 raise _mismatch(f"{which}_weight_packed {tuple(packed.shape)} without 3-D "
                                 f"{which}_weight_scale")
-            transposed = bool(getattr(packed, "is_transposed", False))
+            transposed = layer.is_transposed(packed)
             zero = _tensor(module, f"{which}_weight_zero_point")
-            active = str(getattr(method, "actorder", None)).lower().endswith("group")
+            active = str(layer.method_setting(module, "actorder")).lower().endswith("group")
             g_idx = _g_idx(module, f"{which}_weight_g_idx", active)
             return PackedInts("k_first" if transposed else "n_first", self.bits,
                               packed[expert], scale[expert],
@@ -348,12 +345,11 @@ class IntMoeFormat(RowsPerExpert):
         if packed.dtype != torch.int32:
             raise Unchecked(f"no reference for MoE experts repacked at load ({which}_qweight is "
                             f"{packed.dtype}; vLLM's moe_wna16 layout)")
-        config = _quant_config(module)
         zero = _tensor(module, f"{which}_qzeros")
         pack = 32 // self.bits
         if packed.shape[2] == scale.shape[2]:  # GPTQ
-            sym = bool(getattr(config, "is_sym", getattr(config, "sym", True)))
-            g_idx = _g_idx(module, f"{which}_g_idx", bool(getattr(config, "desc_act", False)))
+            sym = _symmetric(module)
+            g_idx = _g_idx(module, f"{which}_g_idx", bool(layer.config_setting(module, "desc_act")))
             return PackedInts("k_first", self.bits, packed[expert], scale[expert],
                               None if sym or zero is None else zero[expert],
                               None if g_idx is None else g_idx[expert],
@@ -378,31 +374,30 @@ class IntMoeFormat(RowsPerExpert):
 
 def _expert_k(module: Any, which: str) -> int | None:
     """Input columns of one expert's w13 (hidden) or w2 (intermediate per partition)."""
-    name = "hidden_size" if which == "w13" else "intermediate_size_per_partition"
-    value = getattr(module, name, None)
-    return int(value) if isinstance(value, int) else None
+    if which == "w13":
+        return layer.moe_hidden_size(module)
+    return layer.moe_intermediate_per_partition(module)
 
 
 def moe_scheme_of(module: Any) -> str | None:
     """w{bits}a16-g{group} / -channel, or w4a8-g{group}, for packed-int experts; else None."""
-    method = getattr(module, "quant_method", None)
+    method_name = type(layer.quant_method(module)).__name__
     packed = _tensor(module, "w13_weight_packed")
     qweight = _tensor(module, "w13_qweight")
-    if "W4A8Int8" in type(method).__name__:  # int4 codes in int8, int8 activations
-        return f"w4a8-int8-{_group_name(getattr(method, 'group_size', None))}"
+    if "W4A8Int8" in method_name:  # int4 codes in int8, int8 activations
+        return f"w4a8-int8-{_group_name(layer.method_setting(module, 'group_size'))}"
     if packed is not None and packed.dtype == torch.int32:
-        bits = int(getattr(method, "num_bits", 0) or getattr(
-            getattr(method, "weight_quant", None), "num_bits", 0) or 4)
-        group = getattr(method, "group_size", None)
+        weight_quant = layer.method_setting(module, "weight_quant")
+        bits = int(layer.method_setting(module, "num_bits") or
+                   getattr(weight_quant, "num_bits", 0) or 4)
+        group = layer.method_setting(module, "group_size")
         if group is None:
-            group = getattr(getattr(method, "weight_quant", None), "group_size", None)
-        acts = "a8" if hasattr(method, "w4a8_backend") or "W4A8" in type(method).__name__ \
-            else "a16"
-        return f"w{bits}{acts}-{_group_name(group)}"
+            group = getattr(weight_quant, "group_size", None)
+        w4a8 = layer.moe_backend_name(module, ("w4a8_backend",)) or "W4A8" in method_name
+        return f"w{bits}{'a8' if w4a8 else 'a16'}-{_group_name(group)}"
     if qweight is not None:
-        config = _quant_config(module)
-        bits = int(getattr(config, "weight_bits", 4) or 4)
-        return f"w{bits}a16-{_group_name(getattr(config, 'group_size', None))}"
+        bits = int(layer.config_setting(module, "weight_bits") or 4)
+        return f"w{bits}a16-{_group_name(layer.config_setting(module, 'group_size'))}"
     return None
 
 

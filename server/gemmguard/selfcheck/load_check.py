@@ -38,6 +38,7 @@ from gemmguard.inventory.selection import SELFCHECK, SLOWER
 from gemmguard.kernels.portable_fp8_block import PORTABLE_KERNEL_NAMES
 from gemmguard.selfcheck import measure, replacement, sample, schemes
 from gemmguard.selfcheck.measure import FAILING, LayerResult
+from gemmguard.vllm_adapter import layer as vllm_layer
 
 logger = logging.getLogger("vllm.gemmguard")
 
@@ -124,10 +125,8 @@ class LayerCheck:
     def _capture(self) -> Any:
         if self.layer_type == "moe":
             return sample.capture_moe(self.name, self.module, self.check.config.seed)
-        holder = getattr(self.module, "scheme", None)
-        kernel = report.kernel_of(holder) if holder is not None else None
-        kernel = kernel or report.kernel_of(self.module.quant_method)
-        scheme = report.scheme_of(kernel, getattr(self.module, "weight", None), self.module)
+        kernel = vllm_layer.linear_kernel(self.module)
+        scheme = report.scheme_of(kernel, vllm_layer.tensor(self.module, "weight"), self.module)
         return sample.capture_linear(self.name, self.module, kernel, scheme)
 
     def _measure(self, taken: Any, kernel: str,
@@ -222,7 +221,8 @@ class LayerCheck:
         """Try vLLM's next candidates in place; keep the fastest that passes."""
         k, dtype = taken.weight.shape[1], taken.out_dtype
         rejected_seconds = replacement.seconds_per_call(self.module, k, dtype)
-        key = (rejected.kernel, rejected.scheme, tuple(self.module.weight.shape))
+        weight = vllm_layer.tensor(self.module, "weight")
+        key = (rejected.kernel, rejected.scheme, tuple(weight.shape) if weight is not None else ())
         reasons = dict.fromkeys(_kernel_classes(rejected.kernel), SELFCHECK)
         tried: list[dict[str, Any]] = []
         winner = self.check.decisions.get(key)
@@ -288,7 +288,7 @@ def _wrap_method(check: RankCheck, method: Any, layers: dict[int, tuple[str, str
 
     A method object may serve several layers; each call is checked for the layer it is given.
     """
-    original = method.process_weights_after_loading
+    original = vllm_layer.post_process(method)
 
     @functools.wraps(original)
     def post_process(layer: Any, *args: Any, **kwargs: Any) -> Any:
@@ -299,13 +299,13 @@ def _wrap_method(check: RankCheck, method: Any, layers: dict[int, tuple[str, str
                    lambda target: original(target, *args, **kwargs)).run()
         return None
 
-    method.process_weights_after_loading = post_process
+    vllm_layer.wrap_post_processing(method, post_process)
 
 
 def _wrap_model(check: RankCheck, model: torch.nn.Module) -> None:
     by_method: dict[int, tuple[Any, dict[int, tuple[str, str]]]] = {}
     for name, module in model.named_modules():
-        method = getattr(module, "quant_method", None)
+        method = vllm_layer.quant_method(module)
         layer_type = _layer_type(module) if method is not None else None
         if layer_type is not None:
             by_method.setdefault(id(method), (method, {}))[1][id(module)] = (name, layer_type)
@@ -315,9 +315,7 @@ def _wrap_model(check: RankCheck, model: torch.nn.Module) -> None:
 
 def _unwrap(model: torch.nn.Module) -> None:
     for module in model.modules():
-        method = getattr(module, "quant_method", None)
-        if method is not None and "process_weights_after_loading" in vars(method):
-            del method.process_weights_after_loading
+        vllm_layer.unwrap_post_processing(vllm_layer.quant_method(module))
 
 
 def verdict_counts(layers: list[LayerResult]) -> dict[str, int]:

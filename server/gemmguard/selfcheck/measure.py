@@ -18,6 +18,7 @@ import torch
 from gemmguard import vllm_adapter
 from gemmguard.selfcheck import reference
 from gemmguard.selfcheck.sample import ROW_BLOCK, LinearSample, MoeSample
+from gemmguard.vllm_adapter import layer as vllm_layer
 
 TOKEN_COUNTS = (1, 16, 128)
 OUTLIER_CHANNELS = 4
@@ -162,7 +163,7 @@ def check_linear(module: Any, sample: LinearSample, kernel: str, layer_type: str
     device = device_of(module)
     xs = [activations(tokens, k, sample.out_dtype, seed).to(device) for tokens in TOKEN_COUNTS]
     rows = sample.rows.to(device)
-    outs = [module.quant_method.apply(module, x)[:, rows].float() for x in xs]
+    outs = [vllm_layer.apply_linear(module, x)[:, rows].float() for x in xs]
     if phases is not None:
         vllm_adapter.synchronize(device)  # so that "kernel" is the kernel's time
     start = add_phase(phases, "kernel", start)

@@ -29,6 +29,7 @@ from gemmguard.selfcheck.schemes import (
     _per_shard_rows,
     rows_of_extremes,
 )
+from gemmguard.vllm_adapter import layer
 
 FORMATS = {  # values dtype, scale dtype, block, values per stored element
     "mxfp4": (torch.uint8, torch.uint8, numerics.MX_BLOCK, 2),
@@ -97,12 +98,7 @@ class Microscaled:
                           + rows_of_extremes(scale.amin(dim=1))))
 
 
-def _tensor(module: Any, *names: str) -> torch.Tensor | None:
-    for name in names:
-        value = getattr(module, name, None)
-        if isinstance(value, torch.Tensor):
-            return value
-    return None
+_tensor = layer.tensor
 
 
 def _required(module: Any, *names: str) -> torch.Tensor:
@@ -173,9 +169,8 @@ class MicroscaledLinearFormat:
 
     def activation(self, module: Any, kernel: Any) -> Activation:
         # vLLM ≤ 0.26's schemes keep a backend string ("marlin", "cutlass", …), not a kernel.
-        holder = getattr(module, "scheme", None) or getattr(module, "quant_method", None)
         name = type(kernel).__name__ if kernel is not None else \
-            str(getattr(holder, "backend", "")).title()
+            layer.holder_backend(module).title()
         if "Marlin" in name or "W4A16" in name:  # weight-only kernels: bf16 activations
             return NO_ACTIVATION_QUANT
         if self.fmt == "nvfp4":
@@ -186,16 +181,16 @@ class MicroscaledLinearFormat:
             if "Emulation" in name:  # dequantizes weights to bf16 at load, bf16 activations
                 return NO_ACTIVATION_QUANT
             return Activation("group", numerics.MX_BLOCK, fmt=f"mxfp8-{_mx_rule(name)}")
-        key = getattr(getattr(kernel, "config", None), "activation_quant_key", None)
+        key = layer.quant_key(layer.activation_quant_key(kernel))
         if key is None:
             return NO_ACTIVATION_QUANT
         if key.dtype == torch.uint8:  # MXFP4 activations
             return Activation("group", numerics.MX_BLOCK, fmt=f"mxfp4-{_mx_rule(name)}")
         if key.dtype == torch.float8_e4m3fn:
-            group = key.scale.group_shape
-            if key.scale.dtype in _E8M0:
-                return Activation("group", int(group.col), fmt=f"mxfp8-{_mx_rule(name)}")
-            if int(group.row) == 1 and int(group.col) in (-1, 0):
+            row, col = key.group or (0, 0)
+            if key.scale_dtype in _E8M0:
+                return Activation("group", col, fmt=f"mxfp8-{_mx_rule(name)}")
+            if row == 1 and col in (-1, 0):
                 return Activation("token")
         raise Unchecked(f"no reference for scheme mxfp4 with activations {key}")
 
@@ -204,12 +199,8 @@ class MicroscaledLinearFormat:
 
 
 def _backend_name(module: Any) -> str:
-    method = getattr(module, "quant_method", None)
-    for attr in ("nvfp4_backend", "mxfp4_backend", "mxfp8_backend", "fp8_backend"):
-        backend = getattr(method, attr, None)
-        if backend is not None:
-            return str(getattr(backend, "value", backend)).upper()
-    return ""
+    return layer.moe_backend_name(
+        module, ("nvfp4_backend", "mxfp4_backend", "mxfp8_backend", "fp8_backend"))
 
 
 class MicroscaledMoeFormat(RowsPerExpert):
@@ -253,10 +244,9 @@ class MicroscaledMoeFormat(RowsPerExpert):
 
     def _weight_only(self, module: Any) -> bool:
         backend = _backend_name(module)
-        method = getattr(module, "quant_method", None)
         # vLLM ≤ 0.26 flags Marlin on the method (`use_marlin`) instead of naming a backend.
         return "MARLIN" in backend or backend.endswith("_BF16") or any(
-            bool(getattr(method, flag, False)) for flag in ("use_a16", "use_marlin"))
+            bool(layer.method_setting(module, flag)) for flag in ("use_a16", "use_marlin"))
 
     def activation(self, module: Any) -> Activation:
         """The activation quantization every expert shares (see `expert_activation`)."""
@@ -289,11 +279,9 @@ class MicroscaledMoeFormat(RowsPerExpert):
 
 def moe_scheme_of(module: Any) -> str | None:
     """mxfp4, mxfp8 or nvfp4 for microscaled experts; None otherwise."""
-    method = getattr(module, "quant_method", None)
-    for attr, scheme in (("nvfp4_backend", "nvfp4"), ("mxfp4_backend", "mxfp4"),
-                         ("mxfp8_backend", "mxfp8")):
-        if getattr(method, attr, None) is not None:
-            return scheme
+    by_backend = layer.microscaled_moe_scheme(module)
+    if by_backend is not None:
+        return by_backend
     scale = _tensor(module, "w13_weight_scale")
     values = _tensor(module, "w13_weight_packed", "w13_weight")
     if scale is None or values is None:

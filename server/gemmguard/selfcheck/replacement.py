@@ -15,9 +15,9 @@ from typing import Any
 import torch
 
 from gemmguard import vllm_adapter
-from gemmguard.inventory.report import KERNEL_ATTRS, kernel_of
 from gemmguard.inventory.selection import turned_down
 from gemmguard.selfcheck.measure import TOKEN_COUNTS, activations, device_of
+from gemmguard.vllm_adapter import layer
 
 
 @dataclass
@@ -34,15 +34,10 @@ class KernelSlot:
 
 def slot_of(module: Any) -> KernelSlot | None:
     """The layer's swappable kernel slot, or None when its kernel cannot be swapped in place."""
-    for holder in (getattr(module, "scheme", None), getattr(module, "quant_method", None)):
-        kernel = kernel_of(holder) if holder is not None else None
-        if kernel is None:
-            continue
-        config = kernel.config
-        if hasattr(config, "weight_quant_key") or hasattr(config, "is_channelwise"):
-            attr = next(a for a in KERNEL_ATTRS if getattr(holder, a, None) is kernel)
-            return KernelSlot(holder, attr)
-    return None
+    found = layer.kernel_slot(module)
+    if found is None or not layer.is_rebuildable(getattr(*found)):
+        return None
+    return KernelSlot(*found)
 
 
 @dataclass
@@ -94,12 +89,12 @@ def seconds_per_call(module: Any, k: int, dtype: torch.dtype, repeats: int = 3) 
     total = 0.0
     for tokens in TOKEN_COUNTS:
         x = activations(tokens, k, dtype, 0).to(device)
-        module.quant_method.apply(module, x)  # warm-up (lazy set-up, JIT)
+        layer.apply_linear(module, x)  # warm-up (lazy set-up, JIT)
         times = []
         for _ in range(repeats):
             vllm_adapter.synchronize(device)
             start = time.perf_counter()
-            module.quant_method.apply(module, x)
+            layer.apply_linear(module, x)
             vllm_adapter.synchronize(device)
             times.append(time.perf_counter() - start)
         total += statistics.median(times)

@@ -21,6 +21,7 @@ import torch
 
 from gemmguard.selfcheck import schemes
 from gemmguard.selfcheck.schemes import Activation
+from gemmguard.vllm_adapter import layer
 
 ROW_BLOCK = 128
 # Experts sampled per MoE layer: the smallest- and largest-scale ones plus seeded others.
@@ -75,8 +76,8 @@ def sample_rows(n_rows: int) -> torch.Tensor:
 
 
 def _out_dtype(module: Any, weight: Any) -> torch.dtype:
-    orig = getattr(module, "orig_dtype", None)
-    if isinstance(orig, torch.dtype):
+    orig = layer.original_dtype(module)
+    if orig is not None:
         return orig
     if isinstance(weight, torch.Tensor) and weight.dtype in (torch.bfloat16, torch.float16,
                                                              torch.float32):
@@ -92,13 +93,13 @@ def capture_linear(name: str, module: Any, kernel: Any, scheme: str) -> LinearSa
                                    torch.tensor(fmt.extreme_rows(module), dtype=torch.long)]))
     weight = fmt.rows(module, rows)
     return LinearSample(name, scheme, rows, weight, fmt.activation(module, kernel),
-                        _out_dtype(module, getattr(module, "weight", None)))
+                        _out_dtype(module, layer.tensor(module, "weight")))
 
 
 def _local_to_global(module: Any, n_local: int) -> list[int]:
     """Global expert id of each local expert (expert parallelism maps a slice per rank)."""
-    expert_map = getattr(module, "expert_map", None)
-    if not isinstance(expert_map, torch.Tensor):
+    expert_map = layer.expert_map(module)
+    if expert_map is None:
         return list(range(n_local))
     ids = [-1] * n_local
     for global_id, local in enumerate(expert_map.tolist()):
@@ -132,7 +133,7 @@ def capture_moe(name: str, module: Any, seed: int = 0) -> MoeSample:
     n_local = int(magnitude.numel())
     if n_local == 0:
         raise schemes.Unchecked("weights do not match the declared scheme: no experts")
-    top_k = int(getattr(module, "top_k", 0) or getattr(module, "num_experts_per_tok", 0) or 1)
+    top_k = layer.moe_top_k(module)
     experts = choose_experts(magnitude, max(MOE_EXPERTS, top_k + 1), seed)
     global_ids = _local_to_global(module, n_local)
     hidden = _hidden_size(module)
@@ -141,13 +142,12 @@ def capture_moe(name: str, module: Any, seed: int = 0) -> MoeSample:
     per_expert = getattr(fmt, "expert_activation", None)
     activations = {e: (per_expert(module, e, "w13"), per_expert(module, e, "w2"))
                    for e in experts} if callable(per_expert) else {}
-    w13 = getattr(module, "w13_weight", None)
-    floating = isinstance(w13, torch.Tensor) and w13.dtype.is_floating_point and \
-        w13.element_size() > 1
+    w13 = layer.tensor(module, "w13_weight")
+    floating = w13 is not None and w13.dtype.is_floating_point and w13.element_size() > 1
     return MoeSample(
         layer=name, scheme=scheme, experts=experts,
         global_ids=[global_ids[e] for e in experts],
-        num_experts=int(getattr(module, "global_num_experts", 0) or n_local),
+        num_experts=layer.moe_global_experts(module) or n_local,
         top_k=top_k,
         w13={e: fmt.w13(module, e) for e in experts},
         w2={e: fmt.w2_rows(module, e, rows) for e in experts},
@@ -159,11 +159,11 @@ def capture_moe(name: str, module: Any, seed: int = 0) -> MoeSample:
 
 def _hidden_size(module: Any) -> int:
     """The layer's hidden size (the down projection's output rows)."""
-    hidden = getattr(module, "hidden_size", None)
-    if isinstance(hidden, int) and hidden > 0:
+    hidden = layer.moe_hidden_size(module)
+    if hidden is not None:
         return hidden
-    w2 = getattr(module, "w2_weight", None)
-    if isinstance(w2, torch.Tensor) and w2.dim() == 3:
+    w2 = layer.tensor(module, "w2_weight")
+    if w2 is not None and w2.dim() == 3:
         return int(w2.shape[1])
     raise schemes.Unchecked("weights do not match the declared scheme: no hidden_size and no "
                             "3-D w2_weight")

@@ -18,6 +18,8 @@ from typing import Any, Protocol
 
 import torch
 
+from gemmguard.vllm_adapter import layer
+
 
 class Unchecked(Exception):  # noqa: N818 - a verdict, raised to leave a layer unchecked
     """The layer cannot be checked; the message is the one-line reason in the report."""
@@ -105,10 +107,9 @@ def rows_of_extremes(per_row: torch.Tensor) -> list[int]:
 
 
 def _param(module: Any, *names: str) -> torch.Tensor:
-    for name in names:
-        value = getattr(module, name, None)
-        if isinstance(value, torch.Tensor):
-            return value
+    value = layer.tensor(module, *names)
+    if value is not None:
+        return value
     raise Unchecked(f"weights do not match the declared scheme: no {' or '.join(names)}")
 
 
@@ -117,7 +118,7 @@ def _per_shard_rows(module: Any, scale: torch.Tensor, n_rows: int) -> torch.Tens
     flat = scale.detach().float().reshape(-1).cpu()
     if flat.numel() == n_rows:
         return flat
-    widths = list(getattr(module, "logical_widths", None) or [n_rows])
+    widths = layer.logical_widths(module) or [n_rows]
     if sum(widths) != n_rows or flat.numel() not in (1, len(widths)):
         raise Unchecked(f"weights do not match the declared scheme: {flat.numel()} scales "
                         f"for {len(widths)} shards of {n_rows} rows")
@@ -148,22 +149,22 @@ class Unquantized:
 # --- fp8 and int8 (scaled-mm kernels) ------------------------------------------------------------
 
 
+def _static_scale(module: Any) -> float:
+    scale = layer.tensor(module, "input_scale")
+    return float(scale.detach().float().max()) if scale is not None else 1.0
+
+
 def _activation_of_kernel(kernel: Any, module: Any, fmt: str) -> Activation:
-    key = getattr(getattr(kernel, "config", None), "activation_quant_key", None)
+    key = layer.quant_key(layer.activation_quant_key(kernel))
     if key is None:
         # int8 configs carry flags instead of a key.
-        config = getattr(kernel, "config", None)
-        if getattr(config, "is_static_input_scheme", False):
-            scale = getattr(module, "input_scale", None)
-            value = float(scale.detach().float().max()) if scale is not None else 1.0
-            return Activation("static", static_scale=value, fmt=fmt)
-        return Activation("token", fmt=fmt) if config is not None else NO_ACTIVATION_QUANT
-    scale = key.scale
-    if scale.static:
-        input_scale = getattr(module, "input_scale", None)
-        value = float(input_scale.detach().float().max()) if input_scale is not None else 1.0
-        return Activation("static", static_scale=value, fmt=fmt)
-    row, col = int(scale.group_shape.row), int(scale.group_shape.col)
+        static = layer.int8_static_input(kernel)
+        if static:
+            return Activation("static", static_scale=_static_scale(module), fmt=fmt)
+        return Activation("token", fmt=fmt) if static is not None else NO_ACTIVATION_QUANT
+    if key.static:
+        return Activation("static", static_scale=_static_scale(module), fmt=fmt)
+    row, col = key.group or (0, 0)
     if col > 1:
         return Activation("group", size=col, fmt=fmt)
     return Activation("token" if row == 1 else "tensor", fmt=fmt)
@@ -277,11 +278,10 @@ class MoeFp8:
 
 
 def _block_of(kernel: Any) -> tuple[int, int] | None:
-    key = getattr(getattr(kernel, "config", None), "weight_quant_key", None)
-    group = getattr(getattr(key, "scale", None), "group_shape", None)
+    group = layer.group_shape(layer.weight_quant_key(kernel))
     if group is None:
         return None
-    row, col = int(group.row), int(group.col)
+    row, col = group
     return (row, col) if row > 1 and col > 1 else None
 
 
@@ -310,16 +310,15 @@ def moe_scheme(module: Any) -> str:
     named = mx_formats.moe_scheme_of(module) or int_formats.moe_scheme_of(module)
     if named is not None:
         return named
-    method = getattr(module, "quant_method", None)
-    w13 = getattr(module, "w13_weight", None)
-    if not isinstance(w13, torch.Tensor):
+    w13 = layer.tensor(module, "w13_weight")
+    if w13 is None:
         return "unknown"
     if w13.dtype == torch.float8_e4m3fn:
-        if getattr(method, "block_quant", False) or hasattr(module, "w13_weight_scale_inv"):
+        if layer.method_setting(module, "block_quant") or \
+                layer.tensor(module, "w13_weight_scale_inv") is not None:
             return "fp8-block"
-        scale = getattr(module, "w13_weight_scale", None)
-        per_channel = isinstance(scale, torch.Tensor) and scale.dim() >= 2 and \
-            scale.shape[1] == w13.shape[1]
+        scale = layer.tensor(module, "w13_weight_scale")
+        per_channel = scale is not None and scale.dim() >= 2 and scale.shape[1] == w13.shape[1]
         return "fp8-channel" if per_channel else "fp8-tensor"
     names = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
     if w13.dtype in names:
@@ -332,17 +331,16 @@ def moe_format(scheme: str, module: Any) -> MoeFormat:
     if scheme.startswith("unquantized-"):
         return MoeUnquantized()
     if scheme.startswith("fp8-"):
-        method = getattr(module, "quant_method", None)
-        block_size = getattr(getattr(method, "quant_config", None), "weight_block_size", None)
+        block_size = layer.config_setting(module, "weight_block_size")
         block = (int(block_size[0]), int(block_size[1])) if block_size else None
         if scheme == "fp8-block" and block is None:
             block = (128, 128)
-        static = getattr(getattr(method, "quant_config", None), "activation_scheme", "") == "static"
+        static = layer.config_setting(module, "activation_scheme") == "static"
         if block is not None:
             activation = Activation("group", size=block[1])
         elif static:
-            scale = getattr(module, "w13_input_scale", None)
-            value = float(scale.detach().float().max()) if isinstance(scale, torch.Tensor) else 1.0
+            scale = layer.tensor(module, "w13_input_scale")
+            value = float(scale.detach().float().max()) if scale is not None else 1.0
             activation = Activation("static", static_scale=value)
         else:
             activation = Activation("token")
