@@ -2,9 +2,9 @@
 # Issue 17: gemmguard's vLLM adapter contract tests against the vLLM of the lent H200 (0.26), and the
 # self-check's time at load on an 8B-shaped FP8 model (after the device-side references).
 # Runs on the device from the repo root, after ../shared/gpu's setup put vLLM 0.26.0 in $HOME/gg-site;
-# the exact calls are in docs/vllm-0.26-contract.md. Results go under $OUT (packed at each step).
+# the exact calls are in docs/vllm-0.26-contract.md. Results go under $OUT.
 #   OUT=/tmp/out scripts/gpu-contract.sh contract     # the adapter's contract tests
-#   OUT=/tmp/out scripts/gpu-contract.sh selfcheck    # 8B dense and a Qwen3-MoE, offline self-check
+#   OUT=/tmp/out scripts/gpu-contract.sh selfcheck    # 8B dense (beside plain vLLM) and Qwen3-MoE
 # pytest is not in the bundle: its wheels travel in .gpu/wheels (carry it), installed beside it.
 set -uo pipefail
 what=${1:?usage: gpu-contract.sh contract|selfcheck}
@@ -38,14 +38,28 @@ printf '[vllm.general_plugins]\ngemmguard = gemmguard.plugin:register\n' > "$met
 # time); with CUTLASS chosen the check's own time is what is measured, as in docs/benchmarks-gpu.md.
 export VLLM_USE_DEEP_GEMM=0
 engine=(--enforce-eager --max-model-len 2048 --gpu-memory-utilization 0.5)
-for name in llama8b qwen3moe; do
-  model=$work/$name
-  [ -d "$model" ] || $py scripts/gpu_checkpoints.py $name "$model" > "$out/$name-make.log" 2>&1
-  t=$(date +%s.%N)
-  timeout 240 $py -m gemmguard.cli selfcheck "$model" --json "${engine[@]}" \
-    > "$out/$name-selfcheck.json" 2> "$out/$name-selfcheck.log"
-  rc=$?
-  echo "$name selfcheck exit $rc, wall $($py -c "import time; print(round(time.time() - $t, 1))") s" | tee -a "$out/steps.log"
-  grep -E "gemmguard: self-check|Model loading took|Loading weights took" "$out/$name-selfcheck.log" \
-    | tail -4
-done
+checkpoint() {  # NAME KIND [ARGS]: a checkpoint made on the GPU
+  [ -d "$work/$1" ] || $py scripts/gpu_checkpoints.py "$2" "$work/$1" "${@:3}" > "$out/$1-make.log" 2>&1
+}
+elapsed() { $py -c "import time; print(round(time.time() - $1, 1))"; }
+gemmguard() {  # NAME RUN: gemmguard's offline self-check (vLLM loads the model, the check runs)
+  local t=$(date +%s.%N)
+  timeout 240 $py -m gemmguard.cli selfcheck "$work/$1" --json "${engine[@]}" \
+    > "$out/$1-selfcheck-$2.json" 2> "$out/$1-selfcheck-$2.log"
+  echo "$1 gemmguard run $2: exit $?, wall $(elapsed $t) s" | tee -a "$out/steps.log"
+  grep -hE "gemmguard self-check|Model loading took" "$out/$1-selfcheck-$2.log" | cut -c1-400
+}
+plain() {  # NAME RUN: the same load in plain vLLM (no plugin), for the load time beside it
+  local t=$(date +%s.%N)
+  VLLM_PLUGINS=none timeout 240 $py -c "import sys; from vllm import LLM
+LLM(sys.argv[1], enforce_eager=True, max_model_len=2048, gpu_memory_utilization=0.5)" \
+    "$work/$1" > "$out/$1-plain-$2.log" 2>&1
+  echo "$1 plain run $2: exit $?, wall $(elapsed $t) s" | tee -a "$out/steps.log"
+  grep -hE "Model loading took" "$out/$1-plain-$2.log" | cut -c1-300
+}
+checkpoint llama8b llama8b
+gemmguard llama8b 1; plain llama8b 1; plain llama8b 2; gemmguard llama8b 2  # ABBA
+checkpoint qwen3moe qwen3moe
+gemmguard qwen3moe 1
+checkpoint qwen3moe-router-mismatch qwen3moe --router-excluded-by-short-name
+gemmguard qwen3moe-router-mismatch 1

