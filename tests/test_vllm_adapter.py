@@ -73,7 +73,10 @@ def test_ranks_of_two_data_parallel_engines_never_share_a_number() -> None:
     from vllm.config import ParallelConfig
 
     config = ParallelConfig()  # one rank per engine: vLLM 0.26 checks TP against the GPUs here
-    config.reconfigure_for_independent_dp_rank()
+    if hasattr(config, "reconfigure_for_independent_dp_rank"):  # 0.32, 0.33
+        config.reconfigure_for_independent_dp_rank()
+    else:  # 0.26 does the same inline when it starts an engine (v1/engine/core.py)
+        config.data_parallel_size, config.data_parallel_rank = 1, 0
     config.data_parallel_index = 1
     assert vllm_adapter.data_parallel_index(config) == 1
     assert vllm_adapter.rank_across_engines(0, config) == 1

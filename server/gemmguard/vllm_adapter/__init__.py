@@ -372,7 +372,8 @@ def data_parallel_index(parallel_config: Any = None) -> int:
 
     0.26–0.33 keep it in `ParallelConfig.data_parallel_index`: an engine of a dense model runs
     on its own, and vLLM resets its `data_parallel_rank` to 0 and `data_parallel_size` to 1
-    (`reconfigure_for_independent_dp_rank`); only MoE engines keep their `data_parallel_rank`.
+    (0.32/0.33 `reconfigure_for_independent_dp_rank`, 0.26 inline in `v1/engine/core.py`);
+    only MoE engines keep their `data_parallel_rank`.
     Without a config, the one vLLM is loading under (`get_current_vllm_config`).
     """
     if parallel_config is None:
