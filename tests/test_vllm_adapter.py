@@ -118,3 +118,70 @@ def test_engine_args_read_options_as_vllm_serve_does(tmp_path: Path) -> None:
     from vllm.v1.engine.llm_engine import LLMEngine
 
     assert callable(LLMEngine.from_engine_args)  # what offline_engine calls
+
+
+def test_logging_metrics_and_stat_logger_lookups() -> None:
+    assert callable(vllm_adapter.configure_logging_from_args())
+    base = vllm_adapter.stat_logger_base()
+    record = inspect.signature(base.record).parameters  # type: ignore[attr-defined]
+    assert {"scheduler_stats", "iteration_stats"} <= set(record)
+    assert {"vllm_config", "engine_index"} <= set(inspect.signature(base).parameters)
+    registry = vllm_adapter.prometheus_registry()
+    assert callable(registry.collect) and callable(registry.register)
+
+
+def test_the_linear_kernel_selection_module_has_every_list_gemmguard_reads() -> None:
+    module = vllm_adapter.linear_kernels_module()
+    assert callable(module.init_fp8_linear_kernel) and callable(module.init_int8_linear_kernel)
+    for kind in vllm_adapter.CANDIDATE_LISTS:
+        lists = vllm_adapter.candidate_lists(kind)
+        assert lists and all(isinstance(c, type) for classes in lists.values() for c in classes)
+        # gemmguard's choosers rebind names there that vLLM looks up at call time
+        assert lists is getattr(module, vllm_adapter.CANDIDATE_LISTS[kind])
+
+
+def test_an_fp8_block_kernel_is_rebuilt_by_vllms_own_chooser() -> None:
+    from vllm.config import VllmConfig, set_current_vllm_config
+
+    from gemmguard.vllm_adapter import fixes, layer
+
+    with set_current_vllm_config(VllmConfig()):
+        init = fixes.init_fp8_linear_kernel()
+        config = fixes.fp8_block_config((512, 256))
+        names = inspect.signature(init).parameters
+        kernel = init(**{n: getattr(config, n) for n in names if hasattr(config, n)},
+                      **({"module_name": "contract"} if "module_name" in names else {}))
+        rebuilt = vllm_adapter.rebuild_scaled_mm_kernel(kernel)
+    assert rebuilt is not kernel and type(rebuilt) is type(kernel)
+    assert layer.config_block_shape(layer.kernel_config(rebuilt)) == (128, 128)
+    with pytest.raises(vllm_adapter.KernelNotRebuildable):
+        vllm_adapter.rebuild_scaled_mm_kernel(object())
+
+
+def test_the_loader_and_unquantized_dispatch_are_looked_up_by_name_at_call_time() -> None:
+    loader = vllm_adapter.loader_module()
+    # load_check rebinds this module global; vLLM's loader calls it by that name.
+    assert callable(loader.process_weights_after_loading)
+    load_model = inspect.unwrap(loader.BaseModelLoader.load_model)  # 0.32 wraps it for tracing
+    assert "process_weights_after_loading" in load_model.__code__.co_names
+    dispatch = vllm_adapter.unquantized_cpu_dispatch_module()
+    if CPU:
+        assert callable(dispatch.dispatch_cpu_unquantized_gemm)
+    assert callable(dispatch.dispatch_unquantized_gemm)
+
+
+def test_the_api_server_index_and_the_rank_outside_an_engine() -> None:
+    from types import SimpleNamespace
+
+    from vllm.v1.engine.core_client import AsyncMPClient
+
+    assert "client_index" in inspect.signature(AsyncMPClient.__init__).parameters
+    core = SimpleNamespace(engine_core=SimpleNamespace(client_index=2))
+    assert vllm_adapter.api_server_index(core) == 2
+    assert vllm_adapter.api_server_index(SimpleNamespace()) == 0
+    assert vllm_adapter.global_rank() == 0  # no torch.distributed, no engine
+    import torch
+
+    vllm_adapter.synchronize(torch.device("cpu"))
+    if torch.cuda.is_available():
+        vllm_adapter.synchronize(torch.device("cuda", 0))
