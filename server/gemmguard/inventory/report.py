@@ -155,12 +155,13 @@ def linear_row(name: str, module: Any, layer_type: str) -> dict[str, Any]:
     # Unquantized: vLLM keeps the GEMM function; on CPU the branch is set per layer.
     method = layer.quant_method(module)
     layer_selection = selection_for_layer(module)
+    cpu_branch = layer.cpu_linear(module)
     if layer_selection is not None:
         chosen = layer_selection.attempts[-1].kernel
-    elif layer.cpu_linear(module) is not None:
+    elif cpu_branch is not None:
         from gemmguard.inventory.selection import cpu_gemm_name
 
-        chosen = cpu_gemm_name(layer.cpu_linear(module))
+        chosen = cpu_gemm_name(cpu_branch)
     else:
         chosen = _function_name(layer.unquantized_gemm(module))
     return _row(name, layer_type, method, chosen, scheme_of(None, weight, module),

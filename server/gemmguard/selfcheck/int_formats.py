@@ -29,6 +29,8 @@ from gemmguard.selfcheck.schemes import (
     Activation,
     RowsPerExpert,
     Unchecked,
+    mismatch,
+    required_tensor,
     rows_of_extremes,
 )
 from gemmguard.vllm_adapter import layer
@@ -36,10 +38,6 @@ from gemmguard.vllm_adapter import layer
 # AWQ packs the 8 (or 4) columns of a word in this order; AWQ_ORDER[b][i] is the column at slot i.
 AWQ_ORDER = {4: (0, 2, 4, 6, 1, 3, 5, 7), 8: (0, 2, 1, 3)}
 LAYOUTS = ("n_first", "k_first", "awq", "unpacked")
-
-
-def _mismatch(what: str) -> Unchecked:
-    return Unchecked(f"weights do not match the declared scheme: {what}")
 
 
 def unpack_words(words: torch.Tensor, bits: int) -> torch.Tensor:
@@ -76,10 +74,10 @@ class PackedInts:
             raise Unchecked(f"no reference for {self.bits}-bit codes packed across int32 words")
         storage = torch.int8 if self.layout == "unpacked" else torch.int32
         if self.packed.dtype != storage or self.packed.ndim != 2:
-            raise _mismatch(f"{self.bits}-bit codes must be a 2-D {storage} tensor, got "
+            raise mismatch(f"{self.bits}-bit codes must be a 2-D {storage} tensor, got "
                             f"{self.packed.dtype} {tuple(self.packed.shape)}")
         if not self.scale.dtype.is_floating_point or self.scale.ndim != 2:
-            raise _mismatch(f"group scales must be a 2-D float tensor, got "
+            raise mismatch(f"group scales must be a 2-D float tensor, got "
                             f"{self.scale.dtype} {tuple(self.scale.shape)}")
         pack = 32 // self.bits
         rows_in_scale = self.scale.shape[0 if self._n_first else 1]
@@ -87,17 +85,17 @@ class PackedInts:
                          "awq": self.packed.shape[1] * pack,
                          "unpacked": self.packed.shape[0]}[self.layout]
         if rows_in_scale != rows_in_codes:
-            raise _mismatch(f"{rows_in_codes} output rows of codes but {rows_in_scale} rows "
+            raise mismatch(f"{rows_in_codes} output rows of codes but {rows_in_scale} rows "
                             f"of scales ({self.layout} layout)")
         groups = self.n_groups
         if self.g_idx is not None:
             if self.g_idx.numel() != self.n_cols:
-                raise _mismatch(f"g_idx has {self.g_idx.numel()} entries for {self.n_cols} "
+                raise mismatch(f"g_idx has {self.g_idx.numel()} entries for {self.n_cols} "
                                 "input columns")
             if int(self.g_idx.min()) < 0 or int(self.g_idx.max()) >= groups:
-                raise _mismatch(f"g_idx points outside the {groups} scale groups")
+                raise mismatch(f"g_idx points outside the {groups} scale groups")
         elif self.n_cols % groups:
-            raise _mismatch(f"{groups} scale groups do not divide {self.n_cols} input columns")
+            raise mismatch(f"{groups} scale groups do not divide {self.n_cols} input columns")
 
     @property
     def _n_first(self) -> bool:
@@ -158,7 +156,7 @@ class PackedInts:
             return torch.full((len(rows), self.n_groups), 1 << (self.bits - 1), dtype=torch.int32)
         zero = self.zero.detach().cpu()
         if zero.dtype != torch.int32:
-            raise _mismatch(f"packed zero points must be int32, got {zero.dtype}")
+            raise mismatch(f"packed zero points must be int32, got {zero.dtype}")
         words, slots = rows // self.pack, self._slots(rows)
         if self.layout == "n_first":
             codes = _codes_at(zero[words], slots[:, None], self.bits)
@@ -204,18 +202,18 @@ def linear_tensors(module: Any, bits: int, zero_points: bool, has_g_idx: bool) -
     k = layer.input_size_per_partition(module)
     packed = _tensor(module, "weight_packed")
     if packed is not None and packed.dtype == torch.int8:  # compressed-tensors int-quantized
-        return PackedInts("unpacked", bits, packed, _required_scale(module, "weight_scale"),
+        return PackedInts("unpacked", bits, packed, required_tensor(module, "weight_scale"),
                           k=k)
     if packed is not None:  # compressed-tensors
         scale = _tensor(module, "weight_scale")
         if scale is None:
-            raise _mismatch("weight_packed without weight_scale")
+            raise mismatch("weight_packed without weight_scale")
         return PackedInts("n_first", bits, packed, scale,
                           _tensor(module, "weight_zero_point") if zero_points else None,
                           _g_idx(module, "weight_g_idx", has_g_idx), 0, k)
     packed, scale = _tensor(module, "qweight"), _tensor(module, "scales")
     if packed is None or scale is None:
-        raise _mismatch("no weight_packed (compressed-tensors) or qweight/scales (GPTQ, AWQ)")
+        raise mismatch("no weight_packed (compressed-tensors) or qweight/scales (GPTQ, AWQ)")
     pack = 32 // bits
     zero = _tensor(module, "qzeros") if zero_points else None
     if packed.ndim == 2 and packed.shape[1] == scale.shape[-1]:
@@ -225,15 +223,8 @@ def linear_tensors(module: Any, bits: int, zero_points: bool, has_g_idx: bool) -
         if zero is None:
             raise Unchecked("no reference for AWQ weights without zero points")
         return PackedInts("awq", bits, packed, scale, zero, None, 0, k)
-    raise _mismatch(f"qweight {tuple(packed.shape)} fits neither GPTQ nor AWQ packing of "
+    raise mismatch(f"qweight {tuple(packed.shape)} fits neither GPTQ nor AWQ packing of "
                     f"{bits}-bit codes with scales {tuple(scale.shape)}")
-
-
-def _required_scale(module: Any, name: str) -> torch.Tensor:
-    scale = _tensor(module, name)
-    if scale is None:
-        raise _mismatch(f"no {name}")
-    return scale
 
 
 def _g_idx(module: Any, name: str, active: bool) -> torch.Tensor | None:
@@ -243,7 +234,7 @@ def _g_idx(module: Any, name: str, active: bool) -> torch.Tensor | None:
         return None
     g_idx = _tensor(module, name)
     if g_idx is None:
-        raise _mismatch(f"activation order is on but the layer has no {name}")
+        raise mismatch(f"activation order is on but the layer has no {name}")
     return g_idx
 
 
@@ -324,12 +315,12 @@ class IntMoeFormat(RowsPerExpert):
         k = _expert_k(module, which)
         unpacked = _tensor(module, f"{which}_weight")
         if packed is None and unpacked is not None and unpacked.dtype == torch.int8:
-            int_scale = _required_scale(module, f"{which}_weight_scale")  # W4A8-int experts
+            int_scale = required_tensor(module, f"{which}_weight_scale")  # W4A8-int experts
             return PackedInts("unpacked", self.bits, unpacked[expert], int_scale[expert], k=k)
         if packed is not None:  # compressed-tensors
             scale = _tensor(module, f"{which}_weight_scale")
             if scale is None or packed.ndim != 3:
-                raise _mismatch(f"{which}_weight_packed {tuple(packed.shape)} without 3-D "
+                raise mismatch(f"{which}_weight_packed {tuple(packed.shape)} without 3-D "
                                 f"{which}_weight_scale")
             transposed = layer.is_transposed(packed)
             zero = _tensor(module, f"{which}_weight_zero_point")
@@ -341,7 +332,7 @@ class IntMoeFormat(RowsPerExpert):
                               None if g_idx is None else g_idx[expert], 0, k)
         packed, scale = _tensor(module, f"{which}_qweight"), _tensor(module, f"{which}_scales")
         if packed is None or scale is None:
-            raise _mismatch(f"no {which}_weight_packed or {which}_qweight/{which}_scales")
+            raise mismatch(f"no {which}_weight_packed or {which}_qweight/{which}_scales")
         if packed.dtype != torch.int32:
             raise Unchecked(f"no reference for MoE experts repacked at load ({which}_qweight is "
                             f"{packed.dtype}; vLLM's moe_wna16 layout)")
@@ -357,7 +348,7 @@ class IntMoeFormat(RowsPerExpert):
         if packed.shape[2] * pack == scale.shape[2] and zero is not None:  # AWQ
             return PackedInts("awq", self.bits, packed[expert], scale[expert], zero[expert],
                               None, 0, k)
-        raise _mismatch(f"{which}_qweight {tuple(packed.shape)} fits neither GPTQ nor AWQ "
+        raise mismatch(f"{which}_qweight {tuple(packed.shape)} fits neither GPTQ nor AWQ "
                         f"packing with scales {tuple(scale.shape)}")
 
     def expert_magnitude(self, module: Any) -> torch.Tensor:
@@ -365,7 +356,7 @@ class IntMoeFormat(RowsPerExpert):
         if scale is None:
             scale = _tensor(module, "w13_scales")
         if scale is None:
-            raise _mismatch("no w13_weight_scale or w13_scales")
+            raise mismatch("no w13_weight_scale or w13_scales")
         return scale.detach().float().abs().reshape(scale.shape[0], -1).amax(dim=1).cpu()
 
     def activation(self, module: Any) -> Activation:

@@ -27,6 +27,8 @@ from gemmguard.selfcheck.schemes import (
     RowsPerExpert,
     Unchecked,
     _per_shard_rows,
+    mismatch,
+    required_tensor,
     rows_of_extremes,
 )
 from gemmguard.vllm_adapter import layer
@@ -37,10 +39,6 @@ FORMATS = {  # values dtype, scale dtype, block, values per stored element
     "nvfp4": (torch.uint8, torch.float8_e4m3fn, numerics.NVFP4_BLOCK, 2),
 }
 _E8M0 = tuple(d for d in (torch.uint8, getattr(torch, "float8_e8m0fnu", None)) if d is not None)
-
-
-def _mismatch(what: str) -> Unchecked:
-    return Unchecked(f"weights do not match the declared scheme: {what}")
 
 
 @dataclass(frozen=True)
@@ -55,19 +53,19 @@ class Microscaled:
     def __post_init__(self) -> None:
         values_dtype, scale_dtype, block, per_element = FORMATS[self.fmt]
         if self.values.ndim != 2 or self.values.dtype != values_dtype:
-            raise _mismatch(f"{self.fmt} values must be 2-D {values_dtype}, got "
+            raise mismatch(f"{self.fmt} values must be 2-D {values_dtype}, got "
                             f"{self.values.dtype} {tuple(self.values.shape)}")
         scale_ok = self.scale.dtype in _E8M0 if scale_dtype == torch.uint8 \
             else self.scale.dtype == scale_dtype
         if self.scale.ndim != 2 or not scale_ok:
-            raise _mismatch(f"{self.fmt} block scales must be 2-D {scale_dtype}, got "
+            raise mismatch(f"{self.fmt} block scales must be 2-D {scale_dtype}, got "
                             f"{self.scale.dtype} {tuple(self.scale.shape)}")
         cols = self.values.shape[1] * per_element
         if self.scale.shape != (self.values.shape[0], cols // block) or cols % block:
-            raise _mismatch(f"{self.fmt} block scales {tuple(self.scale.shape)} do not cover "
+            raise mismatch(f"{self.fmt} block scales {tuple(self.scale.shape)} do not cover "
                             f"values {tuple(self.values.shape)} in blocks of {block}")
         if self.row_factor is not None and self.row_factor.shape != (self.values.shape[0],):
-            raise _mismatch(f"{self.row_factor.numel()} global scales for "
+            raise mismatch(f"{self.row_factor.numel()} global scales for "
                             f"{self.values.shape[0]} rows")
 
     @property
@@ -101,13 +99,6 @@ class Microscaled:
 _tensor = layer.tensor
 
 
-def _required(module: Any, *names: str) -> torch.Tensor:
-    value = _tensor(module, *names)
-    if value is None:
-        raise _mismatch(f"no {' or '.join(names)}")
-    return value
-
-
 # --- linear layers -------------------------------------------------------------------------
 
 
@@ -115,13 +106,13 @@ def _nvfp4_row_factor(module: Any, n_rows: int) -> torch.Tensor:
     divisor = _tensor(module, "weight_global_scale")  # compressed-tensors: 1 / factor
     if divisor is not None:
         return 1.0 / _per_shard_rows(module, divisor.detach().float(), n_rows)
-    factor = _required(module, "weight_global_scale", "weight_scale_2")  # ModelOpt
+    factor = required_tensor(module, "weight_global_scale", "weight_scale_2")  # ModelOpt
     return _per_shard_rows(module, factor.detach().float(), n_rows)
 
 
 def linear_tensors(fmt: str, module: Any) -> Microscaled:
-    values = _required(module, "weight_packed", "weight")
-    scale = _required(module, "weight_scale")
+    values = required_tensor(module, "weight_packed", "weight")
+    scale = required_tensor(module, "weight_scale")
     factor = _nvfp4_row_factor(module, int(values.shape[0])) if fmt == "nvfp4" else None
     return Microscaled(fmt, values, scale, factor)
 
@@ -136,7 +127,7 @@ def nvfp4_input_divisor(module: Any, prefix: str = "", index: Any = None) -> flo
     if divisor is not None:
         value = divisor.detach().float() if index is None else divisor.detach().float()[index]
         return float(value.max())
-    factor = _required(module, f"{prefix}input_global_scale", f"{prefix}input_scale")
+    factor = required_tensor(module, f"{prefix}input_global_scale", f"{prefix}input_scale")
     value = factor.detach().float() if index is None else factor.detach().float()[index]
     return float(1.0 / value.max().to(torch.float32))
 
@@ -159,7 +150,7 @@ class MicroscaledLinearFormat:
         self.fmt = fmt
 
     def n_rows(self, module: Any) -> int:
-        return int(_required(module, "weight_packed", "weight").shape[0])
+        return int(required_tensor(module, "weight_packed", "weight").shape[0])
 
     def rows(self, module: Any, rows: torch.Tensor) -> torch.Tensor:
         return linear_tensors(self.fmt, module).rows(rows)
@@ -212,10 +203,10 @@ class MicroscaledMoeFormat(RowsPerExpert):
     def tensors(self, module: Any, which: str, expert: int) -> Microscaled:
         if _tensor(module, f"{which}_bias") is not None:
             raise Unchecked("no reference for experts with biases (gpt-oss style)")
-        values = _required(module, f"{which}_weight_packed", f"{which}_weight")
-        scale = _required(module, f"{which}_weight_scale")
+        values = required_tensor(module, f"{which}_weight_packed", f"{which}_weight")
+        scale = required_tensor(module, f"{which}_weight_scale")
         if values.ndim != 3 or scale.ndim != 3:
-            raise _mismatch(f"{which} experts must be 3-D, got values {tuple(values.shape)} "
+            raise mismatch(f"{which} experts must be 3-D, got values {tuple(values.shape)} "
                             f"and scales {tuple(scale.shape)}")
         factor = None
         if self.fmt == "nvfp4":
@@ -228,14 +219,14 @@ class MicroscaledMoeFormat(RowsPerExpert):
         if divisor is not None:
             per_shard = 1.0 / divisor.detach().float()[expert].reshape(-1).cpu()
         else:
-            per_shard = _required(module, f"{which}_weight_scale_2").detach().float()[expert]
+            per_shard = required_tensor(module, f"{which}_weight_scale_2").detach().float()[expert]
             per_shard = per_shard.reshape(-1).cpu()
         # w13: gate rows then up rows, one global scale each (or one for both).
         shard = (torch.arange(n_rows) * per_shard.numel()) // n_rows
         return per_shard[shard]
 
     def expert_magnitude(self, module: Any) -> torch.Tensor:
-        values = _required(module, "w13_weight_packed", "w13_weight")
+        values = required_tensor(module, "w13_weight_packed", "w13_weight")
         magnitudes = []
         for expert in range(int(values.shape[0])):
             magnitudes.append(float(self.tensors(module, "w13", expert).block_scales()

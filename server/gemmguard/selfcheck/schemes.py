@@ -106,11 +106,17 @@ def rows_of_extremes(per_row: torch.Tensor) -> list[int]:
     return sorted({int(finite.argmin()), int(finite.argmax())})
 
 
-def _param(module: Any, *names: str) -> torch.Tensor:
+def mismatch(what: str) -> Unchecked:
+    """The verdict for checkpoint tensors that do not fit the scheme the layer declares."""
+    return Unchecked(f"weights do not match the declared scheme: {what}")
+
+
+def required_tensor(module: Any, *names: str) -> torch.Tensor:
+    """The first of `names` the layer holds; a mismatch naming them when it holds none."""
     value = layer.tensor(module, *names)
-    if value is not None:
-        return value
-    raise Unchecked(f"weights do not match the declared scheme: no {' or '.join(names)}")
+    if value is None:
+        raise mismatch(f"no {' or '.join(names)}")
+    return value
 
 
 def _per_shard_rows(module: Any, scale: torch.Tensor, n_rows: int) -> torch.Tensor:
@@ -133,10 +139,10 @@ class Unquantized:
     """bf16/fp16/fp32 weights: the checkpoint values are the weights."""
 
     def n_rows(self, module: Any) -> int:
-        return int(_param(module, "weight").shape[0])
+        return int(required_tensor(module, "weight").shape[0])
 
     def rows(self, module: Any, rows: torch.Tensor) -> torch.Tensor:
-        weight = _param(module, "weight")
+        weight = required_tensor(module, "weight")
         return weight.detach()[rows.to(weight.device)].float().cpu()
 
     def extreme_rows(self, module: Any) -> list[int]:
@@ -178,10 +184,10 @@ class ScaledFormat:
         self.block = block
 
     def n_rows(self, module: Any) -> int:
-        return int(_param(module, "weight").shape[0])
+        return int(required_tensor(module, "weight").shape[0])
 
     def _scale(self, module: Any) -> torch.Tensor:
-        return _param(module, "weight_scale_inv", "weight_scale").detach().float().cpu()
+        return required_tensor(module, "weight_scale_inv", "weight_scale").detach().float().cpu()
 
     def _row_scales(self, module: Any) -> torch.Tensor:
         """(n_rows, K-blocks) for block scales, (n_rows, 1) otherwise."""
@@ -192,7 +198,7 @@ class ScaledFormat:
         return _per_shard_rows(module, scale, n_rows).reshape(n_rows, 1)
 
     def rows(self, module: Any, rows: torch.Tensor) -> torch.Tensor:
-        weight = _param(module, "weight")
+        weight = required_tensor(module, "weight")
         if weight.dtype.is_floating_point and weight.element_size() > 1:
             raise Unchecked("weights do not match the declared scheme: "
                             f"{self.fmt} scheme but the checkpoint holds {weight.dtype}")
@@ -217,14 +223,14 @@ class MoeUnquantized:
     """bf16/fp16 experts."""
 
     def w13(self, module: Any, expert: int) -> torch.Tensor:
-        return _param(module, "w13_weight").detach()[expert].float().cpu()
+        return required_tensor(module, "w13_weight").detach()[expert].float().cpu()
 
     def w2_rows(self, module: Any, expert: int, rows: torch.Tensor) -> torch.Tensor:
-        w2 = _param(module, "w2_weight").detach()[expert]
+        w2 = required_tensor(module, "w2_weight").detach()[expert]
         return w2[rows.to(w2.device)].float().cpu()
 
     def expert_magnitude(self, module: Any) -> torch.Tensor:
-        w13 = _param(module, "w13_weight").detach()
+        w13 = required_tensor(module, "w13_weight").detach()
         return w13.float().abs().amax(dim=(1, 2)).cpu()
 
     def activation(self, module: Any) -> Activation:
@@ -239,8 +245,8 @@ class MoeFp8:
         self._activation = activation
 
     def _expert(self, module: Any, which: str, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
-        weight = _param(module, f"{which}_weight").detach()[expert]
-        scale = _param(module, f"{which}_weight_scale_inv", f"{which}_weight_scale")
+        weight = required_tensor(module, f"{which}_weight").detach()[expert]
+        scale = required_tensor(module, f"{which}_weight_scale_inv", f"{which}_weight_scale")
         return weight, scale.detach()[expert].float().cpu()
 
     def _dequantize(self, weight: torch.Tensor, scale: torch.Tensor,
@@ -267,7 +273,7 @@ class MoeFp8:
         return self._dequantize(weight, scale, rows)
 
     def expert_magnitude(self, module: Any) -> torch.Tensor:
-        scale = _param(module, "w13_weight_scale_inv", "w13_weight_scale").detach().float()
+        scale = required_tensor(module, "w13_weight_scale_inv", "w13_weight_scale").detach().float()
         return scale.reshape(scale.shape[0], -1).amax(dim=1).cpu()
 
     def activation(self, module: Any) -> Activation:

