@@ -44,3 +44,26 @@ def test_selfcheck_exits_1_and_reports_a_broken_kernel(model: Path) -> None:
     assert result.returncode == 1, result.stderr[-3000:]
     assert "0 degraded, 8 broken" in result.stdout
     assert "--deny-kernel GarbageFp8BlockKernel" in result.stdout
+
+
+def test_selfcheck_records_exactly_what_the_check_measured(model: Path, tmp_path: Path) -> None:
+    """GEMMGUARD_RECORD_DIR keeps each layer's sample and kernel outputs; replayed here, they
+    give the verdict and bits the engine's own check reported (the E8M0 test kernel: degraded)."""
+    from gemmguard.selfcheck import recording
+
+    result = _gemmguard("selfcheck", str(model), "--json", "--policy", "warn", *ENGINE,
+                        GEMMGUARD_TEST_KERNELS="e8m0", GEMMGUARD_RECORD_DIR=str(tmp_path),
+                        GEMMGUARD_RECORD_NAME="e8m0")
+    assert result.returncode == 1, result.stderr[-3000:]
+    (rank,) = json.loads(result.stdout)["ranks"]
+    reported = {layer["layer"]: layer for layer in rank["layers"]}
+    recordings = recording.load(tmp_path / f"e8m0.rank0{recording.SUFFIX}")
+    assert {rec.layer for rec in recordings} == set(reported)
+    assert {rec.seeds[-1] for rec in recordings} == {recording.RECORD_SEEDS[-1]}
+    for rec in recordings:
+        replayed = recording.replay(rec, 0)
+        row = reported[rec.layer]
+        assert (replayed.verdict, replayed.kernel) == (row["verdict"], row["kernel"])
+        assert replayed.bits == pytest.approx(row["bits"], abs=2e-4)
+        assert replayed.excess_bits == pytest.approx(row["excess_bits"], abs=2e-4)
+    assert any(rec.verdict == "degraded" for rec in recordings)

@@ -93,8 +93,9 @@ def test_truncating_conversion_drops_the_low_bits_and_nearest_rounds() -> None:
 
 def test_moe_ideal_rounds_only_where_the_kernel_family_stores_values() -> None:
     h, inter = 32, 16
-    w13 = {0: torch.randn(2 * inter, h, generator=GEN)}
-    w2 = {0: torch.randn(h, inter, generator=GEN)}
+    # A bf16 checkpoint's experts: values bf16 holds exactly.
+    w13 = {0: torch.randn(2 * inter, h, generator=GEN).bfloat16().float()}
+    w2 = {0: torch.randn(h, inter, generator=GEN).bfloat16().float()}
     sample = MoeSample("m", "unquantized-bf16", [0], [0], 4, 2, w13, w2, torch.arange(h),
                        Activation("none"), torch.bfloat16, h)
     x = torch.randn(3, h, generator=GEN).bfloat16()

@@ -21,7 +21,7 @@ def _demo_model(args: argparse.Namespace) -> int:
         num_experts_per_tok=args.top_k,
         moe_intermediate_size=args.moe_intermediate_size,
     )
-    out = write_demo_model(Path(args.out), args.scheme, args.seed, spec, args.arch)
+    out = write_demo_model(Path(args.out), args.scheme, args.seed, spec, args.arch, args.stress)
     print(f"Wrote the {args.arch} {args.scheme} demo checkpoint (seed {args.seed}) to {out}")
     return 0
 
@@ -103,8 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
         "demo-model",
         help="Write a deterministic tiny Qwen3 or Qwen3-MoE checkpoint.",
         description="Write a tiny Qwen3 (or Qwen3-MoE) checkpoint with a local tokenizer and "
-        "chat template. The same seed gives byte-identical files. w4a16-g128, w4a8-g128 and "
-        "nvfp4 are compressed-tensors checkpoints written by its own compressors.",
+        "chat template. The same seed gives byte-identical files. w4a16-g128, w4a8-g128, "
+        "w4a8-int8-g128, nvfp4, w8a8-int8 and fp8-dynamic are compressed-tensors checkpoints "
+        "written by its own compressors.",
     )
     demo.add_argument("--scheme", choices=SCHEMES, default="bf16",
                       help="Weight format. Default: bf16.")
@@ -125,6 +126,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--moe-intermediate-size", type=int, default=256,
                       help="Expert MLP width, a multiple of 128 (qwen3-moe; W4A8 experts "
                       "need a multiple of 256). Default: 256.")
+    demo.add_argument("--stress", action="store_true",
+                      help="Outlier input channels and extreme-scale blocks in every weight "
+                      "(the checkpoints kernels are recorded on for the self-check's "
+                      "calibration).")
     demo.set_defaults(handler=_demo_model)
 
     kernels = verbs.add_parser(

@@ -112,18 +112,38 @@ def _encode(out: dict[str, torch.Tensor], weights: dict[str, torch.Tensor], sche
             out[f"{name}.weight"] = weight.to(torch.bfloat16)
 
 
-def _tensors(spec: DemoSpec, scheme: str, seed: int, arch: str) -> dict[str, torch.Tensor]:
+def stressed(weight: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """`weight` with what makes quantized GEMMs hard: outlier input channels and extreme scales.
+
+    Two input channels ×16 (the channels real models' massive activations meet), one 128-row
+    block ×2^-6 and one ×2^3 (the smallest and largest scales a block or group can have).
+    """
+    rows, cols = weight.shape
+    weight = weight.clone()
+    weight[:, torch.randperm(cols, generator=gen)[:2]] *= 16.0
+    blocks = rows // FP8_BLOCK
+    if blocks >= 2:
+        small, large = torch.randperm(blocks, generator=gen)[:2].tolist()
+        weight[small * FP8_BLOCK:(small + 1) * FP8_BLOCK] *= 2.0 ** -6
+        weight[large * FP8_BLOCK:(large + 1) * FP8_BLOCK] *= 2.0 ** 3
+    return weight
+
+
+def _tensors(spec: DemoSpec, scheme: str, seed: int, arch: str,
+             stress: bool = False) -> dict[str, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
 
     def normal(*shape: int, std: float) -> torch.Tensor:
-        return torch.randn(*shape, generator=gen, dtype=torch.float32) * std
+        values = torch.randn(*shape, generator=gen, dtype=torch.float32) * std
+        return stressed(values, gen) if stress and len(shape) == 2 else values
 
     def norm_weight(n: int) -> torch.Tensor:
         return (1.0 + normal(n, std=0.05)).to(torch.bfloat16)
 
     h = spec.hidden_size
     out: dict[str, torch.Tensor] = {
-        "model.embed_tokens.weight": normal(spec.vocab_size, h, std=0.5).to(torch.bfloat16),
+        "model.embed_tokens.weight":
+            torch.randn(spec.vocab_size, h, generator=gen).mul(0.5).to(torch.bfloat16),
     }
     for layer in range(spec.num_hidden_layers):
         prefix = f"model.layers.{layer}"
@@ -204,9 +224,13 @@ def _config(spec: DemoSpec, scheme: str, arch: str = "qwen3") -> dict[str, objec
 
 def write_demo_model(
     out: Path, scheme: str = "bf16", seed: int = 0, spec: DemoSpec | None = None,
-    arch: str = "qwen3",
+    arch: str = "qwen3", stress: bool = False,
 ) -> Path:
-    """Write a loadable checkpoint (weights, config, tokenizer, chat template) into `out`."""
+    """Write a loadable checkpoint (weights, config, tokenizer, chat template) into `out`.
+
+    `stress`: weights with outlier input channels and extreme-scale blocks (`stressed`), the
+    checkpoints kernels are recorded on.
+    """
     if scheme not in SCHEMES:
         raise UsageError(
             f"Demo scheme '{scheme}' is not known. Use one of: {', '.join(SCHEMES)}."
@@ -217,7 +241,7 @@ def write_demo_model(
         )
     spec = spec or DemoSpec()
     out.mkdir(parents=True, exist_ok=True)
-    save_file(_tensors(spec, scheme, seed, arch), str(out / "model.safetensors"),
+    save_file(_tensors(spec, scheme, seed, arch, stress), str(out / "model.safetensors"),
               {"format": "pt"})
     config = _config(spec, scheme, arch)
     (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")

@@ -2,9 +2,10 @@
 
 Weights are quantized and packed by its compressors (the code llm-compressor saves with) and
 the `quantization_config` is its own `QuantizationConfig`, so vLLM's compressed-tensors
-loader reads exactly what it reads from a real W4A16, W4A8 or NVFP4 checkpoint. W4A8 comes
-in both of vLLM's kinds: fp8 activations (int4 packed in int32, CUTLASS on Hopper) and int8
-activations (int4 codes stored one per int8, "int-quantized"; vLLM's CPU kernels).
+loader reads exactly what it reads from a real W4A16, W4A8, NVFP4, W8A8 or FP8-dynamic
+checkpoint. W4A8 comes in both of vLLM's kinds: fp8 activations (int4 packed in int32,
+CUTLASS on Hopper) and int8 activations (int4 codes stored one per int8, "int-quantized";
+vLLM's CPU kernels).
 """
 
 from __future__ import annotations
@@ -19,6 +20,9 @@ PRESETS = {
     "w4a8-g128": ("W4AFP8", "pack-quantized"),
     "w4a8-int8-g128": ("W4A8", "int-quantized"),
     "nvfp4": ("NVFP4", "nvfp4-pack-quantized"),
+    # Per-channel weights, dynamic per-token activations: vLLM's scaled-mm kernels (CUTLASS).
+    "w8a8-int8": ("W8A8", "int-quantized"),
+    "fp8-dynamic": ("FP8_DYNAMIC", "float-quantized"),
 }
 # Scales are stored in the model's dtype, as llm-compressor saves them (NVFP4 keeps fp8).
 SCALE_DTYPE = torch.bfloat16
@@ -44,6 +48,7 @@ def compress(weight: torch.Tensor, scheme: str,
     one global scale, as llm-compressor does, since vLLM's kernels keep one per fused layer.
     """
     from compressed_tensors.compressors import (
+        FloatQuantizationCompressor,
         IntQuantizationCompressor,
         NVFP4PackedCompressor,
         PackedQuantizationCompressor,
@@ -53,7 +58,8 @@ def compress(weight: torch.Tensor, scheme: str,
     quant_scheme = _scheme(scheme)
     args = quant_scheme.weights
     rows, cols = weight.shape
-    blocks = weight.float().reshape(rows, cols // args.group_size, args.group_size)
+    group = args.group_size or cols  # per-channel schemes: one group per row
+    blocks = weight.float().reshape(rows, cols // group, group)
     global_scale = None
     if args.strategy == "tensor_group":
         group = [weight, *(fused_with or [])]
@@ -67,7 +73,8 @@ def compress(weight: torch.Tensor, scheme: str,
         state["weight_global_scale"] = global_scale
     compressor = {"pack-quantized": PackedQuantizationCompressor,
                   "nvfp4-pack-quantized": NVFP4PackedCompressor,
-                  "int-quantized": IntQuantizationCompressor}[PRESETS[scheme][1]]
+                  "int-quantized": IntQuantizationCompressor,
+                  "float-quantized": FloatQuantizationCompressor}[PRESETS[scheme][1]]
     out = dict(compressor.compress(state, quant_scheme))
     if quant_scheme.input_activations is not None and args.strategy == "tensor_group":
         out["input_global_scale"] = torch.tensor(

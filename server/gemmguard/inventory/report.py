@@ -101,6 +101,9 @@ def scheme_of(kernel: Any, weight: torch.Tensor | None, module: Any = None) -> s
         if microscaled is not None:
             return microscaled
         return _group_scheme("int8" if wkey.dtype == torch.int8 else "fp8", wkey.group)
+    channelwise = layer.int8_channelwise(kernel)
+    if channelwise is not None:  # int8 scaled-mm configs carry flags instead of a key
+        return "int8-channel" if channelwise else "int8-tensor"
     mixed = layer.mixed_precision_config(kernel)
     if mixed is not None:  # mixed precision (WNA16, W4A8)
         bits = mixed["bits"]

@@ -36,7 +36,7 @@ from gemmguard.errors import SelfcheckFailed
 from gemmguard.inventory import report
 from gemmguard.inventory.selection import SELFCHECK, SLOWER
 from gemmguard.kernels.portable_fp8_block import PORTABLE_KERNEL_NAMES
-from gemmguard.selfcheck import measure, replacement, sample, schemes
+from gemmguard.selfcheck import measure, recording, replacement, sample, schemes
 from gemmguard.selfcheck.measure import FAILING, LayerResult
 from gemmguard.vllm_adapter import layer as vllm_layer
 
@@ -71,6 +71,8 @@ class RankCheck:
     # (rejected kernel, scheme, shape) → the replacement class that won there, so layers of
     # the same kernel and shape do not time every candidate again.
     decisions: dict[tuple[str, str, tuple[int, ...]], str] = field(default_factory=dict)
+    # Keeps the kernels' outputs for replay on other machines (GEMMGUARD_RECORD_DIR).
+    recorder: recording.Recorder | None = None
 
     def as_dict(self, rank: int) -> dict[str, Any]:
         return {"rank": rank, "seconds": round(self.seconds, 4),
@@ -192,6 +194,8 @@ class LayerCheck:
                 logger.exception("gemmguard: the self-check of %s could not run", self.name)
                 result = measure.unchecked(self.name, self.layer_type, kernel, scheme,
                                            f"check failed: {type(exc).__name__}: {exc}"[:300])
+            if self.check.recorder is not None and result.verdict != "unchecked":
+                self.check.recorder.add(self.module, taken, kernel, self.layer_type, result)
             if result.verdict in FAILING and kept is not None and slot is not None:
                 now = time.perf_counter()
                 result = self._replace(taken, result, slot, kept)
@@ -419,6 +423,13 @@ CHECK_PATCH = ledger.Patch(
 _INSTALLED = False
 
 
+def _origin() -> dict[str, str]:
+    """Where a recording is made: vLLM and torch versions, the device."""
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    return {"vllm": vllm_adapter.installed_vllm_version() or "unknown", "torch": str(torch.__version__),
+            "device": device}
+
+
 def install(config: CheckConfig) -> None:
     """Wrap the loader's post-processing step once per process."""
     global _INSTALLED
@@ -435,11 +446,14 @@ def install(config: CheckConfig) -> None:
         check.layers.clear()
         check.seconds, check.sample_bytes, check.phases = 0.0, 0, {}
         check.model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        check.recorder = recording.recorder_from_env(_origin())
         _wrap_model(check, model)
         try:
             result = original(model, *args, **kwargs)
         finally:
             _unwrap(model)
+        if check.recorder is not None:
+            check.recorder.flush(vllm_adapter.global_rank())
         finish(check, vllm_adapter.global_rank())
         check.compile_key = key_compile_cache(check)
         return result

@@ -8,9 +8,11 @@ Activations are made on the host with a seeded generator, outside any compiled g
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -23,8 +25,11 @@ from gemmguard.vllm_adapter import layer as vllm_layer
 TOKEN_COUNTS = (1, 16, 128)
 OUTLIER_CHANNELS = 4
 OUTLIER_GAIN = 20.0
-# Verdict thresholds (DESIGN.md): E8M0 scales cost ~0.5 bit; a race garbles whole blocks.
-DEGRADED_EXCESS_BITS = 0.25
+# Degraded above this many bits beyond the scheme's ideal: the middle of the margin between
+# honest and faulty kernels' recorded outputs (selfcheck.calibration, docs/calibration.md).
+CALIBRATION = json.loads(Path(__file__).with_name("calibration.json").read_text())
+DEGRADED_EXCESS_BITS: float = CALIBRATION["degraded_excess_bits"]
+# Broken at 25 % relative error (in any 128-row block): a race garbles whole blocks.
 BROKEN_RELATIVE_ERROR = 0.25
 VERDICTS = ("pass", "degraded", "broken", "unchecked")
 FAILING = ("degraded", "broken")
@@ -169,12 +174,13 @@ def add_phase(phases: dict[str, float] | None, name: str, since: float) -> float
     return now
 
 
-@torch.inference_mode()
-def check_linear(module: Any, sample: LinearSample, kernel: str, layer_type: str = "linear",
-                 seed: int = 0, phases: dict[str, float] | None = None) -> LayerResult:
-    """Run the layer's own `apply` (the kernel vLLM chose) at every token count and measure it.
+def run_linear(module: Any, sample: LinearSample, seed: int = 0,
+               phases: dict[str, float] | None = None,
+               ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The layer's own `apply` (the kernel vLLM chose) at every token count.
 
-    `phases` gets the seconds spent in the kernel (with the copy back) and in the reference.
+    Returns the activations on the layer's device and the sampled output columns in fp32.
+    `phases` gets the seconds spent in the kernel (with the copy back).
     """
     start = time.perf_counter()
     k = sample.weight.shape[1]
@@ -184,15 +190,32 @@ def check_linear(module: Any, sample: LinearSample, kernel: str, layer_type: str
     outs = [vllm_layer.apply_linear(module, x)[:, rows].float() for x in xs]
     if phases is not None:
         vllm_adapter.synchronize(device)  # so that "kernel" is the kernel's time
-    start = add_phase(phases, "kernel", start)
+    add_phase(phases, "kernel", start)
+    return xs, outs
+
+
+def judge_linear(sample: LinearSample, xs: list[torch.Tensor], ys: list[torch.Tensor],
+                 kernel: str, layer_type: str = "linear",
+                 phases: dict[str, float] | None = None) -> LayerResult:
+    """The verdict on a linear layer's outputs `ys` for the activations `xs` (one per token
+    count), against the references built from its sample, computed where `ys` lie."""
+    start = time.perf_counter()
     worst = _Worst()
     try:
-        _compare(worst, sample, xs, outs, device)
+        _compare(worst, sample, xs, ys, ys[0].device)
     except NoReference as exc:
         return unchecked(sample.layer, layer_type, kernel, sample.scheme, str(exc))
     finally:
         add_phase(phases, "reference", start)
     return worst.result(sample.layer, layer_type, kernel, sample.scheme)
+
+
+@torch.inference_mode()
+def check_linear(module: Any, sample: LinearSample, kernel: str, layer_type: str = "linear",
+                 seed: int = 0, phases: dict[str, float] | None = None) -> LayerResult:
+    """Run the layer's own kernel at every token count and measure it (see `judge_linear`)."""
+    xs, outs = run_linear(module, sample, seed, phases)
+    return judge_linear(sample, xs, outs, kernel, layer_type, phases)
 
 
 def _compare(worst: _Worst, sample: LinearSample, xs: list[torch.Tensor],
@@ -221,9 +244,9 @@ def _compare(worst: _Worst, sample: LinearSample, xs: list[torch.Tensor],
 def routing(sample: MoeSample, tokens: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Seeded top-k routing over the sampled experts.
 
-    Each token's first slot is a sampled expert with a weight in [0.5, 1]; the other slots go
-    to distinct experts with weight 0, so every token's output is one known expert's. The
-    first sampled expert gets exactly one token, the second the most.
+    Each token's first slot is a sampled expert with a weight in [0.5, 1] (exact in bf16); the
+    other slots go to distinct experts with weight 0, so every token's output is one known
+    expert's. The first sampled expert gets exactly one token, the second the most.
     """
     gen = torch.Generator().manual_seed(seed * 7907 + tokens)
     n = len(sample.experts)
@@ -240,7 +263,10 @@ def routing(sample: MoeSample, tokens: int, seed: int) -> tuple[torch.Tensor, to
         pick = torch.randperm(len(others), generator=gen)[: sample.top_k - 1]
         ids[token, 1:] = torch.tensor(others)[pick]
     weights = torch.zeros(tokens, sample.top_k, dtype=torch.float32)
-    weights[:, 0] = 0.5 + 0.5 * torch.rand(tokens, generator=gen, dtype=torch.float32)
+    # bf16 values: kernels that round the routing weight to the activation dtype before they
+    # apply it (Marlin MoE's epilogue, docs/kernel-arithmetic.md) then compute what the others do.
+    weights[:, 0] = (0.5 + 0.5 * torch.rand(tokens, generator=gen, dtype=torch.float32)
+                     ).to(torch.bfloat16).float()
     return weights, ids
 
 
@@ -257,34 +283,61 @@ def moe_rounding(module: Any) -> reference.MoeRounding:
 _SEVERITY = {"pass": 0, "degraded": 1, "broken": 2}
 
 
+@dataclass
+class MoeRun:
+    """One token count through an MoE layer: activations, the check's routing, sampled output."""
+
+    x: torch.Tensor  # host, the layer's dtype
+    weights: torch.Tensor  # host fp32 (tokens, top_k)
+    ids: torch.Tensor  # host int64 (tokens, top_k)
+    y: torch.Tensor  # host fp32 (tokens, len(sample.rows))
+
+
+def run_moe(module: Any, sample: MoeSample, seed: int = 0,
+            phases: dict[str, float] | None = None) -> list[MoeRun]:
+    """The layer's experts kernel at every token count, with routing fixed by the check."""
+    device = device_of(module)
+    rows = sample.rows.to(device)
+    runs = []
+    for tokens in TOKEN_COUNTS:
+        start = time.perf_counter()
+        x = activations(tokens, sample.hidden, sample.out_dtype, seed)
+        weights, ids = routing(sample, tokens, seed)
+        out = vllm_adapter.moe_apply(module, x.to(device), weights.to(device), ids.to(device))
+        runs.append(MoeRun(x, weights, ids, out[:, rows].float().cpu()))
+        add_phase(phases, "kernel", start)
+    return runs
+
+
 @torch.inference_mode()
 def check_moe(module: Any, sample: MoeSample, kernel: str, seed: int = 0,
               phases: dict[str, float] | None = None) -> LayerResult:
-    """Run the layer's experts kernel with routing fixed by the check, against fp32 references.
+    """Run the layer's experts kernel with routing fixed by the check (see `judge_moe`)."""
+    rounding = moe_rounding(module)
+    return judge_moe(sample, run_moe(module, sample, seed, phases), kernel, rounding, phases)
+
+
+def judge_moe(sample: MoeSample, runs: list[MoeRun], kernel: str,
+              rounding: reference.MoeRounding = reference.STAGED,
+              phases: dict[str, float] | None = None) -> LayerResult:
+    """The verdict on an MoE layer's outputs against fp32 references, where its experts kernel
+    family rounds as `rounding` says.
 
     Each sampled expert gets its own verdict (its tokens only): an expert that gets one token
     of 128, or whose outputs are small, is judged on its own, not diluted in the layer's sum.
     The layer's verdict is the worst of its own and its experts'.
     """
-    device = device_of(module)
-    rounding = moe_rounding(module)
     worst = _Worst()
     # expert → [squared error, squared ideal error, squared reference]
     per_expert: dict[int, list[float]] = {e: [0.0, 0.0, 0.0] for e in sample.experts}
-    rows = sample.rows.to(device)
     try:
-        for tokens in TOKEN_COUNTS:
+        for run in runs:
             start = time.perf_counter()
-            x = activations(tokens, sample.hidden, sample.out_dtype, seed)
-            weights, ids = routing(sample, tokens, seed)
-            out = vllm_adapter.moe_apply(module, x.to(device), weights.to(device),
-                                         ids.to(device))
-            y = out[:, rows].float().cpu()
-            start = add_phase(phases, "kernel", start)
+            x, weights, ids, y = run.x, run.weights, run.ids, run.y
             exact = reference.moe_exact(sample, x, weights, ids)
             ideal = reference.moe_ideal(sample, x, weights, ids, rounding)
             add_phase(phases, "reference", start)
-            worst.add(y, exact, ideal, sample.rows, tokens)
+            worst.add(y, exact, ideal, sample.rows, x.shape[0])
             for expert, global_id in zip(sample.experts, sample.global_ids, strict=True):
                 mine = ids[:, 0] == global_id
                 if mine.any():

@@ -1,9 +1,15 @@
 """Reference GEMMs in fp32: the exact product and the scheme's own ideal.
 
 `exact`  — activations as given, weights as the checkpoint defines them (fp32).
-`ideal`  — activations quantized exactly as the scheme prescribes (fp32 scales), then the
-           same product, rounded to the layer's output dtype: the best any honest kernel of
-           the scheme can do. A kernel far below it is losing accuracy of its own.
+`ideal`  — activations quantized exactly as the scheme prescribes (fp32 scales), weights as
+           the scheme multiplies them, the product accumulated in fp32 and rounded to the
+           layer's output dtype: the best any honest kernel of the scheme can do. A kernel far
+           below it is losing accuracy of its own. An A16 scheme (16-bit activations) multiplies
+           16-bit weights at the MMA: a tensor core takes both operands in one dtype, so every
+           such kernel (Marlin, Machete, exllama, Marlin MoE) dequantizes to bf16(q·s) first
+           (docs/kernel-arithmetic.md). That rounding is the scheme's, so the ideal has it.
+           A rounding the scheme does not prescribe (E8M0 re-quantized FP8 block scales) is a
+           loss and stays out of it.
 MoE layers: the same for each token's experts, SiLU-gated, weighted by the routing. An honest
 fused-MoE kernel rounds to the output dtype at points its family defines (`MoeRounding`); the
 ideal rounds at those points, so what it allows is the arithmetic of that family.
@@ -75,9 +81,23 @@ def exact(sample: LinearSample, x: torch.Tensor) -> torch.Tensor:
     return x.float() @ sample.weight.t()
 
 
+def weights_at_mma(weight: torch.Tensor, activation: Activation,
+                   dtype: torch.dtype) -> torch.Tensor:
+    """fp32 weights as the scheme's MMA sees them: rounded to `dtype` when activations stay in it.
+
+    A16 (no activation quantization): the 16-bit activation dtype, bf16(q·s) rounded to nearest.
+    Otherwise the weights meet quantized activations as the checkpoint stores them.
+    """
+    if activation.kind == "none" and dtype.itemsize == 2:
+        return weight.to(dtype).float()
+    return weight
+
+
 def ideal(sample: LinearSample, x: torch.Tensor) -> torch.Tensor:
-    """What the scheme allows: quantized activations, fp32 scales, output in its dtype."""
-    out = quantize_activations(x, sample.activation) @ sample.weight.t()
+    """What the scheme allows: quantized activations, the scheme's weights at the MMA, fp32
+    accumulation, output in its dtype."""
+    weight = weights_at_mma(sample.weight, sample.activation, sample.out_dtype)
+    out = quantize_activations(x, sample.activation) @ weight.t()
     return out.to(sample.out_dtype).float()
 
 
@@ -142,7 +162,10 @@ def _moe(sample: MoeSample, x: torch.Tensor, topk_weights: torch.Tensor,
                                                     (sample.activation, sample.activation))
         if scheme_rounding:
             xt = quantize_activations(xt, act13)
-        w13 = sample.w13[expert]
+        w13, w2 = sample.w13[expert], sample.w2[expert]
+        if scheme_rounding:
+            w13 = weights_at_mma(w13, act13, sample.out_dtype)
+            w2 = weights_at_mma(w2, act2, sample.out_dtype)
         half = w13.shape[0] // 2
         h = xt @ w13.t()
         if "h" in points:
@@ -155,7 +178,7 @@ def _moe(sample: MoeSample, x: torch.Tensor, topk_weights: torch.Tensor,
             inter = convert(inter, sample.out_dtype, mode)
         if scheme_rounding:
             inter = quantize_activations(inter, act2)
-        down = inter @ sample.w2[expert].t()
+        down = inter @ w2.t()
         if "down" in points:
             down = convert(down, sample.out_dtype, mode)
         out.index_add_(0, tokens, scale * down)

@@ -144,6 +144,15 @@ def int8_static_input(kernel: Any) -> bool | None:
     return None if config is None else bool(getattr(config, "is_static_input_scheme", False))
 
 
+def int8_channelwise(kernel: Any) -> bool | None:
+    """Whether an int8 scaled-mm config has per-channel weight scales (else per tensor); None
+    for a kernel without an int8 config (`Int8ScaledMMLinearLayerConfig.is_channelwise`,
+    0.26–0.33: int8 configs carry flags, not a `weight_quant_key`)."""
+    config = kernel_config(kernel)
+    value = getattr(config, "is_channelwise", None)
+    return None if value is None else bool(value)
+
+
 def group_shape(key: Any) -> tuple[int, int] | None:
     """(rows, cols) of a quant key's scale groups (-1 spans the dimension), or None."""
     shape = getattr(getattr(key, "scale", None), "group_shape", None)
