@@ -18,7 +18,10 @@ export PYTHONPATH=$site:$PWD/server
 # The device recipe (../shared/gpu/README.md): no FlashInfer sampler in the bundle, no 5-minute
 # DeepGEMM warm-up (its kernels still compile on first use).
 export VLLM_USE_FLASHINFER_SAMPLER=0 VLLM_DEEP_GEMM_WARMUP=skip HF_HUB_OFFLINE=1
-engine=(--enforce-eager --gpu-memory-utilization 0.07 --max-model-len 512 --max-num-seqs 8)
+# A fixed KV cache: vLLM then skips its memory profiling, whose check fails when another engine
+# on the GPU frees memory meanwhile (gpu_worker.determine_available_memory, vLLM 0.26).
+engine=(--enforce-eager --gpu-memory-utilization 0.07 --kv-cache-memory-bytes 536870912
+        --max-model-len 512 --max-num-seqs 8)
 
 # vLLM finds plugins by entry points, which need package metadata (the device has no pip index).
 meta=$site/gemmguard-0.1.0.dist-info

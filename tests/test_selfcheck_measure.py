@@ -92,24 +92,48 @@ def test_non_finite_output_is_broken() -> None:
     json.dumps(result.as_dict(), allow_nan=False)
 
 
-def test_a_reference_from_non_finite_scales_is_unchecked_with_the_reason() -> None:
+def test_finite_output_where_the_checkpoint_defines_none_is_broken() -> None:
     # Measured on the H200 (vLLM 0.26): a router stored in bf16 under an FP8 config that does
-    # not exclude it gets an fp8 parameter and never-written scales; the reference from those
-    # is not finite, and which side is wrong cannot be told from the checkpoint.
+    # not exclude it gets an fp8 parameter and never-written scales; its reference is not
+    # finite, yet it computes finite values and serves them. That is broken, not unchecked.
     q, scale = _checkpoint(0)
     scale[0, 0] = float("nan")
     result = _check(_layer(_kernels(q, scale)["garbage"]), _sample(q, scale))
-    assert result.verdict == "unchecked"
-    assert result.reason == measure.NON_FINITE_REFERENCE
+    assert result.verdict == "broken"
+    assert result.reason == measure.UNDEFINED_BY_CHECKPOINT.format(what="not finite")
+    json.dumps(result.as_dict(), allow_nan=False)
 
 
-def test_a_zero_reference_is_unchecked_not_passed() -> None:
+def test_a_zero_reference_with_a_non_zero_output_is_broken() -> None:
+    q, scale = _checkpoint(0)
+    sample = _sample(q, scale)
+    sample.weight.zero_()
+    result = _check(_layer(_kernels(q, scale)["dequant-bf16"]), sample)
+    assert result.verdict == "broken"
+    assert result.reason == measure.UNDEFINED_BY_CHECKPOINT.format(what="zero")
+
+
+def test_non_finite_output_is_broken_whatever_the_reference() -> None:
+    """The case the H200 router run served: NaN out of the kernel, NaN in the reference."""
+    q, scale = _checkpoint(0)
+    scale[0, 0] = float("nan")
+    result = _check(_layer(lambda x: torch.full((x.shape[0], N), float("nan"))),
+                    _sample(q, scale))
+    assert result.verdict == "broken"
+    assert result.reason == measure.NON_FINITE_OUTPUT
+
+
+def test_only_an_undefined_reference_and_a_zero_output_stay_unchecked() -> None:
     q, scale = _checkpoint(0)
     sample = _sample(q, scale)
     sample.weight.zero_()
     result = _check(_layer(lambda x: torch.zeros(x.shape[0], N)), sample)
     assert result.verdict == "unchecked"
     assert result.reason == "reference is zero"
+    scale[0, 0] = float("nan")
+    result = _check(_layer(lambda x: torch.zeros(x.shape[0], N)), _sample(q, scale))
+    assert result.verdict == "unchecked"
+    assert result.reason == measure.NON_FINITE_REFERENCE
 
 
 def test_verdict_thresholds() -> None:

@@ -48,13 +48,19 @@ class NoReference(ValueError):
     """The checkpoint gives no usable reference for this layer (the reason says why)."""
 
 
-# Why a layer with a non-finite reference is left unchecked rather than called broken: the
-# kernel works from the same scales, so which side is wrong cannot be told from here.
+# Why a layer whose reference is undefined (scales or weights hold inf/NaN, or it is zero) and
+# whose output is zero too is left unchecked: neither side says anything.
 NON_FINITE_REFERENCE = (
     "the reference built from the checkpoint is not finite: its weights or scales for this "
     "layer hold inf/NaN (weights that do not match the declared scheme, e.g. a layer the "
     "checkpoint stores unquantized but its quantization config does not exclude)")
 NON_FINITE_OUTPUT = "the kernel's output holds inf/NaN"
+# A layer that computes finite, non-zero values where the checkpoint defines none (measured on
+# the H200: a bf16 router under an FP8 config that does not exclude it) serves garbage.
+UNDEFINED_BY_CHECKPOINT = (
+    "the layer computes values the checkpoint does not define: its reference is {what} while "
+    "the kernel's output is finite and non-zero (weights that do not match the declared "
+    "scheme, e.g. a layer stored unquantized that the quantization config does not exclude)")
 
 
 def relative_error(y: torch.Tensor, ref: torch.Tensor) -> float:
@@ -136,14 +142,23 @@ class _Worst:
     def __init__(self) -> None:
         self.bits, self.expected, self.excess, self.tokens = math.inf, math.inf, -math.inf, 0
         self.block_sums: torch.Tensor | None = None
+        self.undefined = ""  # why the output is broken although no reference exists
 
     def add(self, y: torch.Tensor, exact: torch.Tensor, ideal: torch.Tensor,
             rows: torch.Tensor, tokens: int) -> None:
-        if not torch.isfinite(exact).all():
-            raise NoReference(NON_FINITE_REFERENCE)
+        # The kernel's output is judged first: inf/NaN is broken whatever the reference is.
+        finite_output = bool(torch.isfinite(y).all())
+        undefined = None if not finite_output else (
+            "not finite" if not torch.isfinite(exact).all()
+            else "zero" if exact.norm().item() == 0 else None)
+        if undefined is not None:
+            if y.abs().max().item() > 0:
+                self.undefined = UNDEFINED_BY_CHECKPOINT.format(what=undefined)
+                self.bits, self.excess, self.tokens = -math.inf, math.inf, tokens
+                return
+            raise NoReference(NON_FINITE_REFERENCE if undefined == "not finite"
+                              else "reference is zero")
         error = relative_error(y, exact)
-        if math.isnan(error):
-            raise NoReference("reference is zero")
         bits = to_bits(error)
         expected = to_bits(relative_error(ideal, exact))
         sums = _block_sums(y, exact, rows)
@@ -153,6 +168,9 @@ class _Worst:
                 bits, expected, expected - bits, tokens
 
     def result(self, layer: str, layer_type: str, kernel: str, scheme: str) -> LayerResult:
+        if self.undefined:
+            return LayerResult(layer, layer_type, kernel, scheme, "broken",
+                               tokens_at_worst=self.tokens, reason=self.undefined)
         assert self.block_sums is not None
         # Blocks are judged over all token counts together: one row per block is too few alone.
         worst_block = float((self.block_sums[0] / self.block_sums[1].clamp(min=1e-30))
