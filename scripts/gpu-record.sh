@@ -49,6 +49,9 @@ done
 for scheme in fp8-block w4a16-g128 nvfp4 fp8-dynamic bf16; do
   $py -m gemmguard.cli demo-model --stress --scheme $scheme --out $ckpt/moe-$scheme "${moe[@]}" &
 done
+# Expert MLPs 256 wide: two int4 groups along the down projection's K (128 makes one).
+$py -m gemmguard.cli demo-model --stress --scheme w4a16-g128 --out $ckpt/moe-w4a16-g128-i256 \
+  "${moe[@]}" --moe-intermediate-size 256 &
 wait
 
 # family | checkpoint | policy | environment (space-separated) | gemmguard options
@@ -67,9 +70,9 @@ dense-fp8dynamic|dense-fp8-dynamic|warn||
 dense-bf16|dense-bf16|warn||
 moe-fp8block-default|moe-fp8-block|warn||
 moe-fp8block-triton|moe-fp8-block|warn|VLLM_USE_DEEP_GEMM=0|
-moe-fp8block-triton-noe8m0|moe-fp8-block|warn|VLLM_USE_DEEP_GEMM=0 VLLM_USE_DEEP_GEMM_E8M0=0|
 moe-fp8block-deepgemm|moe-fp8-block|warn|VLLM_USE_DEEP_GEMM=1 VLLM_MOE_USE_DEEP_GEMM=1|
 moe-w4a16-marlin|moe-w4a16-g128|fallback||
+moe-w4a16-marlin-i256|moe-w4a16-g128-i256|fallback||
 moe-nvfp4|moe-nvfp4|warn||
 moe-fp8dynamic|moe-fp8-dynamic|warn||
 moe-bf16|moe-bf16|warn||

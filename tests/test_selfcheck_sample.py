@@ -27,7 +27,8 @@ def test_packed_4_bit_experts_are_sampled_without_a_3d_w13_weight() -> None:
     assert taken.scheme == "w4a16-g128" and taken.hidden == H
     assert taken.experts[1] == 2  # the largest-scale expert (planted ×10) is always sampled
     assert len(taken.experts) == 4 and taken.num_experts == 4
-    assert torch.equal(taken.rows, sample.sample_rows(H))
+    assert torch.equal(taken.rows, sample.spread_rows(H, sample.MOE_ROWS))
+    assert set(sample.sample_rows(H).tolist()) <= set(taken.rows.tolist())
     for expert in taken.experts:
         assert torch.equal(taken.w13[expert], fmt.w13(layer, expert))
         assert torch.equal(taken.w2[expert], fmt.w2_rows(layer, expert, taken.rows))
@@ -67,3 +68,10 @@ def test_experts_without_a_hidden_size_or_a_3d_down_weight_are_unchecked() -> No
                   **_stack(w13, "w13"))
     with pytest.raises(Unchecked, match="no hidden_size"):
         sample.capture_moe("mlp.experts", layer)
+
+
+def test_moe_rows_cover_every_block_and_at_least_64_rows() -> None:
+    assert torch.equal(sample.spread_rows(40, 64), torch.arange(40))
+    rows = sample.spread_rows(4096, 64)
+    assert len(rows) >= 64 and len(set(rows.tolist())) == len(rows)
+    assert set((rows // 128).tolist()) == set(range(32))

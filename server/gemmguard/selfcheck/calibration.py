@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from gemmguard.selfcheck import recording
-from gemmguard.selfcheck.measure import FAILING
+from gemmguard.selfcheck.measure import FAILING, LayerResult
 from gemmguard.selfcheck.recording import Recording
 
 CALIBRATION_FILE = Path(__file__).with_name("calibration.json")
@@ -71,7 +71,7 @@ class FamilyBudget:
         return min(values, default=math.inf)
 
 
-def _excess(result: recording.LayerResult) -> float:
+def _excess(result: LayerResult) -> float:
     if result.excess_bits is not None:
         return result.excess_bits
     return math.inf if result.verdict == "broken" else -math.inf

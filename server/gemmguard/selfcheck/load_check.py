@@ -426,8 +426,8 @@ _INSTALLED = False
 def _origin() -> dict[str, str]:
     """Where a recording is made: vLLM and torch versions, the device."""
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    return {"vllm": vllm_adapter.installed_vllm_version() or "unknown", "torch": str(torch.__version__),
-            "device": device}
+    return {"vllm": vllm_adapter.installed_vllm_version() or "unknown",
+            "torch": str(torch.__version__), "device": device}
 
 
 def install(config: CheckConfig) -> None:

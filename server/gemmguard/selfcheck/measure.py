@@ -31,6 +31,9 @@ CALIBRATION = json.loads(Path(__file__).with_name("calibration.json").read_text(
 DEGRADED_EXCESS_BITS: float = CALIBRATION["degraded_excess_bits"]
 # Broken at 25 % relative error (in any 128-row block): a race garbles whole blocks.
 BROKEN_RELATIVE_ERROR = 0.25
+# Outputs an excess is measured on, at least: on fewer, seed-to-seed noise reaches the
+# threshold (the relative error of n values varies by about 1/(ln 2·√(2n)) bit).
+MIN_VALUES = 256
 VERDICTS = ("pass", "degraded", "broken", "unchecked")
 FAILING = ("degraded", "broken")
 
@@ -108,12 +111,19 @@ def unchecked(layer: str, layer_type: str, kernel: str, scheme: str, reason: str
 
 
 def verdict(bits: float, excess: float, worst_block_error: float,
-            degraded_excess: float = DEGRADED_EXCESS_BITS) -> str:
-    """pass, degraded (loses more than `degraded_excess` bit), or broken."""
+            degraded_excess: float = DEGRADED_EXCESS_BITS, enough_values: bool = True) -> str:
+    """pass, degraded (loses more than `degraded_excess` bit), or broken.
+
+    Broken: inf/NaN, a 128-row block ≥ 25 % wrong, or ≥ 25 % error overall beyond what the
+    scheme allows (an input the scheme itself quantizes that coarsely is not the kernel's
+    fault). `enough_values` False: too few outputs to tell a fraction of a bit, so only broken.
+    """
+    beyond_scheme = excess > degraded_excess
     if not math.isfinite(bits) or not math.isfinite(worst_block_error) or \
-            worst_block_error >= BROKEN_RELATIVE_ERROR or bits <= -math.log2(BROKEN_RELATIVE_ERROR):
+            worst_block_error >= BROKEN_RELATIVE_ERROR or \
+            (bits <= -math.log2(BROKEN_RELATIVE_ERROR) and beyond_scheme):
         return "broken"
-    if excess > degraded_excess:
+    if beyond_scheme and enough_values:
         return "degraded"
     return "pass"
 
@@ -137,51 +147,79 @@ def device_of(module: Any) -> torch.device:
 
 
 class _Worst:
-    """The worst token count seen so far, and block errors summed over all of them."""
+    """The worst token count seen, judged on enough values, and block errors over all of them.
+
+    A relative error measured on a few values is noise (two sampled rows of one token vary by
+    a bit from seed to seed), so token counts are pooled, smallest first, until each group
+    holds at least MIN_VALUES outputs; a short remainder joins the group before it.
+    """
 
     def __init__(self) -> None:
-        self.bits, self.expected, self.excess, self.tokens = math.inf, math.inf, -math.inf, 0
         self.block_sums: torch.Tensor | None = None
         self.undefined = ""  # why the output is broken although no reference exists
+        self.non_finite_tokens = 0  # a token count whose output held inf/NaN
+        # per token count: [squared error, squared ideal error, squared reference, values, tokens]
+        self.counts: list[tuple[float, float, float, int, int]] = []
 
     def add(self, y: torch.Tensor, exact: torch.Tensor, ideal: torch.Tensor,
             rows: torch.Tensor, tokens: int) -> None:
         # The kernel's output is judged first: inf/NaN is broken whatever the reference is.
-        finite_output = bool(torch.isfinite(y).all())
-        undefined = None if not finite_output else (
-            "not finite" if not torch.isfinite(exact).all()
-            else "zero" if exact.norm().item() == 0 else None)
+        if not torch.isfinite(y).all():
+            self.non_finite_tokens = self.non_finite_tokens or tokens
+            return
+        undefined = ("not finite" if not torch.isfinite(exact).all()
+                     else "zero" if exact.norm().item() == 0 else None)
         if undefined is not None:
             if y.abs().max().item() > 0:
                 self.undefined = UNDEFINED_BY_CHECKPOINT.format(what=undefined)
-                self.bits, self.excess, self.tokens = -math.inf, math.inf, tokens
                 return
             raise NoReference(NON_FINITE_REFERENCE if undefined == "not finite"
                               else "reference is zero")
-        error = relative_error(y, exact)
-        bits = to_bits(error)
-        expected = to_bits(relative_error(ideal, exact))
         sums = _block_sums(y, exact, rows)
         self.block_sums = sums if self.block_sums is None else self.block_sums + sums
-        if expected - bits > self.excess or not math.isfinite(bits):
-            self.bits, self.expected, self.excess, self.tokens = \
-                bits, expected, expected - bits, tokens
+        self.counts.append((float((y - exact).pow(2).sum()), float((ideal - exact).pow(2).sum()),
+                            float(exact.pow(2).sum()), y.numel(), tokens))
+
+    def _groups(self) -> list[tuple[float, float, float, int, int]]:
+        groups: list[list[float]] = []
+        open_group: list[float] | None = None
+        for err, ideal_err, ref, values, tokens in self.counts:
+            if open_group is None:
+                open_group = [0.0, 0.0, 0.0, 0, 0]
+                groups.append(open_group)
+            for i, value in enumerate((err, ideal_err, ref, values)):
+                open_group[i] += value
+            open_group[4] = tokens
+            if open_group[3] >= MIN_VALUES:
+                open_group = None
+        if len(groups) > 1 and groups[-1][3] < MIN_VALUES:
+            last = groups.pop()
+            groups[-1] = [a + b for a, b in zip(groups[-1][:4], last[:4], strict=True)] + \
+                [last[4]]
+        return [(g[0], g[1], g[2], int(g[3]), int(g[4])) for g in groups]
 
     def result(self, layer: str, layer_type: str, kernel: str, scheme: str) -> LayerResult:
+        if self.non_finite_tokens:
+            return LayerResult(layer, layer_type, kernel, scheme, "broken",
+                               tokens_at_worst=self.non_finite_tokens, reason=NON_FINITE_OUTPUT)
         if self.undefined:
             return LayerResult(layer, layer_type, kernel, scheme, "broken",
-                               tokens_at_worst=self.tokens, reason=self.undefined)
+                               reason=self.undefined)
         assert self.block_sums is not None
+        bits, expected, excess, tokens = math.inf, math.inf, -math.inf, 0
+        for err, ideal_err, ref, _, group_tokens in self._groups():
+            group_bits = to_bits(math.sqrt(err / ref))
+            group_expected = to_bits(math.sqrt(ideal_err / ref))
+            if group_expected - group_bits > excess:
+                bits, expected, excess, tokens = \
+                    group_bits, group_expected, group_expected - group_bits, group_tokens
         # Blocks are judged over all token counts together: one row per block is too few alone.
         worst_block = float((self.block_sums[0] / self.block_sums[1].clamp(min=1e-30))
                             .sqrt().max())
-        result = LayerResult(layer, layer_type, kernel, scheme,
-                             verdict(self.bits, self.excess, worst_block),
-                             _finite(self.bits), _finite(self.expected), _finite(self.excess),
-                             _finite(worst_block), self.tokens)
-        if self.bits == -math.inf:
-            result.reason = NON_FINITE_OUTPUT
-        return result
+        return LayerResult(layer, layer_type, kernel, scheme,
+                           verdict(bits, excess, worst_block),
+                           _finite(bits), _finite(expected), _finite(excess),
+                           _finite(worst_block), tokens)
 
 
 def add_phase(phases: dict[str, float] | None, name: str, since: float) -> float:
@@ -346,8 +384,8 @@ def judge_moe(sample: MoeSample, runs: list[MoeRun], kernel: str,
     The layer's verdict is the worst of its own and its experts'.
     """
     worst = _Worst()
-    # expert → [squared error, squared ideal error, squared reference]
-    per_expert: dict[int, list[float]] = {e: [0.0, 0.0, 0.0] for e in sample.experts}
+    # expert → [squared error, squared ideal error, squared reference, values]
+    per_expert: dict[int, list[float]] = {e: [0.0, 0.0, 0.0, 0.0] for e in sample.experts}
     try:
         for run in runs:
             start = time.perf_counter()
@@ -364,16 +402,20 @@ def judge_moe(sample: MoeSample, runs: list[MoeRun], kernel: str,
                                                      nan=math.inf).sum())
                     acc[1] += float((ideal[mine] - exact[mine]).pow(2).sum())
                     acc[2] += float(exact[mine].pow(2).sum())
+                    acc[3] += y[mine].numel()
     except NoReference as exc:
         return unchecked(sample.layer, "moe", kernel, sample.scheme, str(exc))
     result = worst.result(sample.layer, "moe", kernel, sample.scheme)
     for expert, global_id in zip(sample.experts, sample.global_ids, strict=True):
-        err, ideal_err, ref = per_expert[expert]
+        err, ideal_err, ref, values = per_expert[expert]
         if ref > 0:
             error = math.sqrt(err / ref)
             bits = to_bits(error)
             expected = to_bits(math.sqrt(ideal_err / ref))
-            expert_verdict = verdict(bits, expected - bits, error)
+            # An expert given a token or two is judged for broken only; the layer's pooled
+            # verdict covers a fraction of a bit.
+            expert_verdict = verdict(bits, expected - bits, error,
+                                     enough_values=values >= MIN_VALUES)
             result.experts.append({"expert": global_id, "verdict": expert_verdict,
                                    "bits": _finite(bits), "expected_bits": _finite(expected),
                                    "excess_bits": _finite(expected - bits)})

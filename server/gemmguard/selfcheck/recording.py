@@ -30,6 +30,7 @@ import hashlib
 import logging
 import lzma
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -305,11 +306,12 @@ def _round_fp8(v: torch.Tensor) -> torch.Tensor:
     return v.clamp(-numerics.FP8_MAX, numerics.FP8_MAX).to(numerics.FP8_DTYPE).float()
 
 
-def _round_int(limit: float) -> Any:
-    return lambda v: v.round().clamp(-limit - 1 if limit == 7 else -limit, limit)
+def _round_int(limit: float) -> Callable[[torch.Tensor], torch.Tensor]:
+    low = -limit - 1 if limit == 7 else -limit  # int4 codes run -8..7, int8 -127..127
+    return lambda v: v.round().clamp(low, limit)
 
 
-_ELEMENTS: dict[str, tuple[float, Any]] = {
+_ELEMENTS: dict[str, tuple[float, Callable[[torch.Tensor], torch.Tensor]]] = {
     "fp8": (numerics.FP8_MAX, _round_fp8),
     "int8": (127.0, _round_int(127.0)),
     "int4": (7.0, _round_int(7.0)),
