@@ -82,7 +82,11 @@ def test_e8m0_requantized_experts_are_degraded_not_broken() -> None:
     assert result.verdict == "degraded", result
     # fp8 weights and activations with power-of-two scales: about 3-4 bits below bf16 here.
     assert result.excess_bits is not None and result.excess_bits > 1.0
-    assert {e["verdict"] for e in result.experts} == {"degraded"}
+    # Experts given enough tokens to judge a fraction of a bit read degraded themselves; the
+    # others (a token or two) are judged for broken only, and the layer's verdict covers them.
+    judged = [e for e in result.experts if e["excess_judged"]]
+    assert judged and {e["verdict"] for e in judged} == {"degraded"}
+    assert all(e["excess_bits"] > 1.0 for e in result.experts)
 
 
 def test_garbage_experts_are_broken() -> None:

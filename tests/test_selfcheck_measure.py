@@ -140,4 +140,9 @@ def test_verdict_thresholds() -> None:
     assert measure.verdict(6.0, 0.1, 0.01) == "pass"
     assert measure.verdict(6.0, 0.3, 0.01) == "degraded"
     assert measure.verdict(6.0, 0.3, 0.3) == "broken"
-    assert measure.verdict(1.5, 0.0, 0.01) == "broken"  # 2^-1.5 ≈ 0.35 relative error
+    # 2^-1.5 ≈ 0.35 relative error: broken when the scheme allows better, not when it does not
+    assert measure.verdict(1.5, 0.3, 0.01) == "broken"
+    assert measure.verdict(1.5, 0.0, 0.01) == "pass"
+    # Too few outputs to tell a fraction of a bit: only broken counts.
+    assert measure.verdict(6.0, 0.3, 0.01, enough_values=False) == "pass"
+    assert measure.verdict(1.5, 0.3, 0.01, enough_values=False) == "broken"

@@ -84,7 +84,8 @@ def spread_rows(n_rows: int, at_least: int) -> torch.Tensor:
     if n_rows <= at_least:
         return torch.arange(n_rows)
     even = torch.linspace(0, n_rows - 1, at_least).round().long()
-    return torch.unique(torch.cat([sample_rows(n_rows), even]))
+    rows: torch.Tensor = torch.unique(torch.cat([sample_rows(n_rows), even]))
+    return rows
 
 
 def _out_dtype(module: Any, weight: Any) -> torch.dtype:
