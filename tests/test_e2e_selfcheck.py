@@ -20,6 +20,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import FAST_ENGINE_ARGS, Server, free_port
+from gemmguard.selfcheck.measure import DEGRADED_EXCESS_BITS as DEGRADED
 
 pytestmark = pytest.mark.e2e
 
@@ -104,12 +105,12 @@ def test_warn_serves_and_says_degraded(warned: Server) -> None:
     report = warned.get("/gemmguard/v1/selfcheck").json()
     degraded = [row for row in report["ranks"][0]["layers"] if row["verdict"] == "degraded"]
     assert degraded and {row["kernel"] for row in degraded} == {E8M0}
-    assert all(row["excess_bits"] > 0.25 for row in degraded)
+    assert all(row["excess_bits"] > DEGRADED for row in degraded)
     assert _value(warned, "gemmguard_selfcheck_passed") == 0
     assert _value(warned, "gemmguard_selfcheck_layers", result="degraded") == len(degraded)
     excess = [s for s in _samples(warned, "gemmguard_selfcheck_excess_bits")
               if s.labels["kernel"] == E8M0]
-    assert len(excess) == len(degraded) and min(s.value for s in excess) > 0.25
+    assert len(excess) == len(degraded) and min(s.value for s in excess) > DEGRADED
     assert "degraded" in warned.log()
     assert _completes(warned)
 

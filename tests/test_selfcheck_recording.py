@@ -174,3 +174,10 @@ def test_every_known_family_is_recorded_and_explained() -> None:
     docs = (Path(__file__).parents[1] / "docs" / "calibration.md").read_text()
     for name in calibration.KNOWN:
         assert f"`{name}`" in docs
+
+
+def test_readme_and_runbook_state_the_calibrated_threshold() -> None:
+    stated = f"{measure.DEGRADED_EXCESS_BITS:.2f} bit"
+    root = Path(__file__).parents[1]
+    for doc in (root / "README.md", root / "helm" / "gemmguard" / "RUNBOOK.md"):
+        assert stated in doc.read_text(), f"{doc.name} does not say {stated}"
