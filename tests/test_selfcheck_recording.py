@@ -181,3 +181,21 @@ def test_readme_and_runbook_state_the_calibrated_threshold() -> None:
     root = Path(__file__).parents[1]
     for doc in (root / "README.md", root / "helm" / "gemmguard" / "RUNBOOK.md"):
         assert stated in doc.read_text(), f"{doc.name} does not say {stated}"
+
+
+def test_marlin_moe_rounding_reproduces_the_recorded_nvfp4_experts() -> None:
+    """Read from the source (docs/kernel-arithmetic.md), confirmed on the real kernel: Marlin
+    MoE rounds the down tile, then multiplies it by bf16(router weight × global factor)."""
+    (rec,) = [r for r in RECORDINGS["moe-nvfp4.rank0"] if r.layer_type == "moe"]
+    assert isinstance(rec.sample, MoeSample) and rec.sample.w2_global_factor
+    equal = total = 0
+    staged_equal = 0
+    for seed in rec.seeds:
+        for run, y in zip(recording._moe_inputs(rec.sample, seed), rec.outputs[seed],
+                          strict=True):
+            marlin = reference.moe_ideal(rec.sample, *run, reference.MARLIN)
+            staged = reference.moe_ideal(rec.sample, *run, reference.STAGED)
+            equal += int((marlin == y.float()).sum())
+            staged_equal += int((staged == y.float()).sum())
+            total += y.numel()
+    assert equal / total > 0.99 and staged_equal / total < 0.9, (equal, staged_equal, total)

@@ -52,6 +52,11 @@ def test_nvfp4_experts_keep_each_experts_input_scales_in_the_sample_and_the_idea
     assert taken.scheme == "nvfp4"
     assert taken.expert_activations[1] == (Activation("group", 16, 90.0, "nvfp4"),
                                            Activation("group", 16, 30.0, "nvfp4"))
+    # The global factor folded into each expert's down values (Marlin MoE applies it in bf16
+    # with the router weight): the inverse of compressed-tensors' divisor.
+    divisors = layer.w2_weight_global_scale.float().reshape(-1)
+    assert taken.w2_global_factor == {e: pytest.approx(1 / float(divisors[e]))
+                                      for e in taken.experts}
     # The ideal quantizes each expert's inputs by that expert's own global scale.
     x = torch.randn(2, H, generator=torch.Generator().manual_seed(0)).bfloat16()
     ids = torch.tensor([[1], [1]])

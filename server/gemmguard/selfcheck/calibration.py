@@ -8,8 +8,7 @@ the block error instead, and are reported beside it.
 
 Layers `KNOWN` not to be honest kernels are set apart: a kernel that makes a loss the scheme
 does not prescribe (read from vLLM's source, docs/kernel-arithmetic.md) or that was seen
-returning wrong outputs must fail for every seed; an honest kernel whose rounding the ideal
-does not follow is reported, not calibrated. None of them sets the threshold: how much a real
+returning wrong outputs must fail for every seed. Neither sets the threshold: how much a real
 loss costs depends on the weights.
 
     python -m gemmguard.selfcheck.calibration tests/fixtures/recordings [--write]
@@ -34,8 +33,7 @@ CALIBRATION_FILE = Path(__file__).with_name("calibration.json")
 
 # What recordings hold besides honest kernels, by family (file name): (kind, which layers, why).
 # "loss": a kernel that loses what the scheme does not prescribe (read from vLLM's source,
-# docs/kernel-arithmetic.md); "fault": a kernel seen returning wrong outputs; "unmodelled": an
-# honest kernel whose rounding the ideal does not follow, so its excess is not calibrated.
+# docs/kernel-arithmetic.md); "fault": a kernel seen returning wrong outputs.
 # Layers: "quantized" (every layer not stored unquantized) or "moe" (the experts only).
 KNOWN: dict[str, tuple[str, str, str]] = {
     "dense-fp8block-deepgemm": ("loss", "quantized", "DeepGEMM re-quantizes FP8 block weight "
@@ -54,11 +52,6 @@ KNOWN: dict[str, tuple[str, str, str]] = {
                          "projection's K); the same checkpoint 256 wide matches the ideal "
                          "exactly (moe-w4a16-marlin-i256). Seen on vLLM 0.26, H100; the cause "
                          "was not read in the source"),
-    "moe-nvfp4": ("unmodelled", "moe", "MarlinExperts with NVFP4 weights rounds differently "
-                  "from the ideal's staging (its global scale is folded with the router weight "
-                  "in bf16, docs/kernel-arithmetic.md): its excess spreads from -1.0 to +0.55 "
-                  "bit over token counts and seeds around a mean below 0, and may read degraded "
-                  "on a healthy model"),
 }
 ACCURACY_FAULTS = ("e8m0",)
 
@@ -76,7 +69,7 @@ class FamilyBudget:
     why: str = ""
     honest_excess: list[float] = field(default_factory=list)
     honest_verdicts: dict[str, int] = field(default_factory=dict)
-    # the known (loss, fault, unmodelled) layers: excess, and per seed whether any failed
+    # the known (loss, fault) layers: excess, and per seed whether any failed
     loss_excess: list[float] = field(default_factory=list)
     loss_verdicts: dict[str, int] = field(default_factory=dict)
     loss_seen: dict[int, bool] = field(default_factory=dict)
@@ -105,7 +98,7 @@ def _count(counts: dict[str, int], verdict: str) -> None:
 
 
 def kind_of(family: str, rec: Recording) -> str:
-    """honest, loss, fault or unmodelled: what `rec`'s kernel is known to be (`KNOWN`)."""
+    """honest, loss or fault: what `rec`'s kernel is known to be (`KNOWN`)."""
     if family not in KNOWN:
         return "honest"
     kind, layers, _ = KNOWN[family]
@@ -166,7 +159,7 @@ def _verdicts(counts: dict[str, int]) -> str:
 def table(families: list[FamilyBudget]) -> str:
     """The budget as a Markdown table, one row per family."""
     lines = ["| family | kernel(s) | recorded on | layers × seeds | largest honest excess | "
-             "honest verdicts | known loss, fault or unmodelled: excess (verdicts) | "
+             "honest verdicts | known loss or fault: excess (verdicts) | "
              "smallest E8M0-fault excess | "
              "faults caught |",
              "|---|---|---|---|---|---|---|---|---|"]
@@ -207,8 +200,8 @@ largest honest excess and the smallest excess of the injected accuracy fault (E8
 - smallest injected-fault excess: **{faulty:.4f}** bit
 - degraded above: **{middle:.4f}** bit (`server/gemmguard/selfcheck/calibration.json`)
 
-Layers that are not honest kernels, by family (they do not set the threshold; a loss or a fault
-must fail for every seed, an unmodelled kernel is reported, not calibrated):
+Layers that are not honest kernels, by family (they do not set the threshold; each must fail
+for every seed):
 {known}
 
 {table(families)}

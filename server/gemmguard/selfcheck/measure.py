@@ -337,7 +337,8 @@ def moe_rounding(module: Any) -> reference.MoeRounding:
     experts = moe.experts_of(module)
     if experts is not None and moe.is_cpu_unquantized_experts(experts):
         return reference.cpu_grouped(moe.cpu_bf16_conversion())
-    return reference.STAGED
+    return reference.rounding_of(type(experts).__name__) if experts is not None \
+        else reference.STAGED
 
 
 _SEVERITY = {"pass": 0, "degraded": 1, "broken": 2}

@@ -225,6 +225,13 @@ class MicroscaledMoeFormat(RowsPerExpert):
         shard = (torch.arange(n_rows) * per_shard.numel()) // n_rows
         return per_shard[shard]
 
+    def w2_global_factor(self, module: Any, expert: int) -> float | None:
+        """NVFP4: the fp32 global factor folded into one expert's down-projection values
+        (Marlin MoE applies it with the router weight, in bf16); None for MX formats."""
+        if self.fmt != "nvfp4":
+            return None
+        return float(self._row_factor(module, "w2", expert, 1)[0])
+
     def expert_magnitude(self, module: Any) -> torch.Tensor:
         values = required_tensor(module, "w13_weight_packed", "w13_weight")
         magnitudes = []

@@ -204,7 +204,8 @@ def _sample_meta(sample: LinearSample | MoeSample) -> dict[str, Any]:
         meta.update(experts=sample.experts, global_ids=sample.global_ids,
                     num_experts=sample.num_experts, top_k=sample.top_k, hidden=sample.hidden,
                     expert_activations={str(e): [_activation(a) for a in pair]
-                                        for e, pair in sample.expert_activations.items()})
+                                        for e, pair in sample.expert_activations.items()},
+                    w2_global_factor={str(e): f for e, f in sample.w2_global_factor.items()})
     return meta
 
 
@@ -236,7 +237,8 @@ def save(recordings: list[Recording], path: Path) -> None:
             "outputs": {str(s): ys for s, ys in rec.outputs.items()},
             "inputs": {str(s): d for s, d in rec.inputs.items()},
             "rounding": None if rec.rounding is None else
-            {"points": sorted(rec.rounding.points), "mode": rec.rounding.mode},
+            {"points": sorted(rec.rounding.points), "mode": rec.rounding.mode,
+             "down_scale": rec.rounding.down_scale},
             "verdict": rec.verdict, "excess_bits": rec.excess_bits, "origin": rec.origin})
     _write(entries, path)
 
@@ -265,7 +267,9 @@ def _sample_of(meta: dict[str, Any], tensors: dict[str, Any]) -> LinearSample | 
         w2={int(e): w for e, w in tensors["w2"].items()}, rows=tensors["rows"],
         activation=_activation_of(meta["activation"]), out_dtype=dtype, hidden=meta["hidden"],
         expert_activations={int(e): (_activation_of(a), _activation_of(b))
-                            for e, (a, b) in meta["expert_activations"].items()})
+                            for e, (a, b) in meta["expert_activations"].items()},
+        w2_global_factor={int(e): float(f)
+                          for e, f in meta.get("w2_global_factor", {}).items()})
 
 
 def load(path: Path) -> list[Recording]:
@@ -283,7 +287,8 @@ def load(path: Path) -> list[Recording]:
             {int(s): ys for s, ys in entry["outputs"].items()},
             {int(s): d for s, d in entry["inputs"].items()},
             None if rounding is None else
-            reference.MoeRounding(frozenset(rounding["points"]), rounding["mode"]),
+            reference.MoeRounding(frozenset(rounding["points"]), rounding["mode"],
+                                  rounding.get("down_scale", "fp32")),
             entry["verdict"], entry["excess_bits"], dict(entry["origin"])))
     return recordings
 
@@ -443,7 +448,10 @@ def replay(recording: Recording, seed: int, fault: str | None = None) -> LayerRe
                     for (x, weights, ids), y in zip(_moe_inputs(sample, seed), ys, strict=True)]
             if fault:
                 runs = _faulty_moe(sample, runs, fault)
-            rounding = recording.rounding or reference.STAGED
+            # The kernel family's rounding as the check models it now; where the family has
+            # no entry, what the check used when recording (the CPU build's conversion).
+            rounding = reference.rounding_of(recording.kernel,
+                                             recording.rounding or reference.STAGED)
             return measure.judge_moe(sample, runs, recording.kernel, rounding)
         xs = _linear_inputs(sample, seed)
         if fault:

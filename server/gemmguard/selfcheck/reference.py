@@ -113,11 +113,26 @@ class MoeRounding:
 
     points: frozenset[str]
     mode: str = "nearest"
+    # How the router weight meets each expert's down output: "fp32" (multiplied in fp32 after
+    # the stored output) or "bf16-scale" (Marlin MoE: the tile is rounded without the expert's
+    # global factor, then multiplied by bf16(router weight × global factor) and rounded).
+    down_scale: str = "fp32"
 
 
 # Triton-style staged kernels: the gate/up product is written in the output dtype, the
 # activation writes its own output, each expert's down output is stored before the sum.
 STAGED = MoeRounding(frozenset({"h", "gate", "inter", "down"}))
+# Marlin MoE (csrc/moe/marlin_moe_wna16, docs/kernel-arithmetic.md): staged, and its down
+# GEMM's epilogue rounds the router weight times the NVFP4 global factor to bf16. Confirmed bit
+# for bit on the H100's recorded NVFP4 experts.
+MARLIN = MoeRounding(STAGED.points, down_scale="bf16-scale")
+# Experts kernels whose rounding is not STAGED, by class name.
+KERNEL_ROUNDING = {"MarlinExperts": MARLIN}
+
+
+def rounding_of(kernel: str, default: MoeRounding = STAGED) -> MoeRounding:
+    """The rounding of an experts kernel named `kernel` (`A[B|C]`: by A), else `default`."""
+    return KERNEL_ROUNDING.get(kernel.split("[")[0], default)
 
 
 def cpu_grouped(mode: str) -> MoeRounding:
@@ -163,7 +178,8 @@ def _moe(sample: MoeSample, x: torch.Tensor, topk_weights: torch.Tensor,
         if scheme_rounding:
             xt = quantize_activations(xt, act13)
         w13, w2 = sample.w13[expert], sample.w2[expert]
-        if scheme_rounding:
+        # NVFP4 keeps q·s (exact in bf16) at the MMA and applies its global factor in fp32.
+        if scheme_rounding and expert not in sample.w2_global_factor:
             w13 = weights_at_mma(w13, act13, sample.out_dtype)
             w2 = weights_at_mma(w2, act2, sample.out_dtype)
         half = w13.shape[0] // 2
@@ -178,6 +194,12 @@ def _moe(sample: MoeSample, x: torch.Tensor, topk_weights: torch.Tensor,
             inter = convert(inter, sample.out_dtype, mode)
         if scheme_rounding:
             inter = quantize_activations(inter, act2)
+        if rounding is not None and rounding.down_scale == "bf16-scale":
+            factor = sample.w2_global_factor.get(expert, 1.0)
+            tile = convert(inter @ (w2 / factor).t(), sample.out_dtype, mode)
+            out.index_add_(0, tokens, convert(
+                tile * convert(scale * factor, sample.out_dtype, mode), sample.out_dtype, mode))
+            continue
         down = inter @ w2.t()
         if "down" in points:
             down = convert(down, sample.out_dtype, mode)

@@ -65,6 +65,8 @@ class MoeSample:
     hidden: int = 0
     # local expert → (its w13 input, its w2 input) quantization, where experts differ (NVFP4)
     expert_activations: dict[int, tuple[Activation, Activation]] = field(default_factory=dict)
+    # local expert → the fp32 global factor folded into its w2 values (NVFP4), where there is one
+    w2_global_factor: dict[int, float] = field(default_factory=dict)
 
     def nbytes(self) -> int:
         return sum(t.numel() * 4 for t in (*self.w13.values(), *self.w2.values()))
@@ -155,6 +157,8 @@ def capture_moe(name: str, module: Any, seed: int = 0) -> MoeSample:
     per_expert = getattr(fmt, "expert_activation", None)
     activations = {e: (per_expert(module, e, "w13"), per_expert(module, e, "w2"))
                    for e in experts} if callable(per_expert) else {}
+    down_factor = getattr(fmt, "w2_global_factor", None)
+    factors = {e: down_factor(module, e) for e in experts} if callable(down_factor) else {}
     w13 = layer.tensor(module, "w13_weight")
     floating = w13 is not None and w13.dtype.is_floating_point and w13.element_size() > 1
     return MoeSample(
@@ -167,6 +171,7 @@ def capture_moe(name: str, module: Any, seed: int = 0) -> MoeSample:
         rows=rows, activation=fmt.activation(module),
         out_dtype=_out_dtype(module, w13 if floating else None),
         hidden=hidden, expert_activations=activations,
+        w2_global_factor={e: f for e, f in factors.items() if f is not None},
     )
 
 
