@@ -43,7 +43,7 @@ ckpt=/tmp/gg-record
 dense=(--layers 1 --hidden-size 1024 --intermediate-size 1408)
 moe=(--arch qwen3-moe --layers 1 --hidden-size 256 --experts 16 --top-k 4 --moe-intermediate-size 128)
 step checkpoints
-for scheme in fp8-block w4a16-g128 w4a8-g128 nvfp4 w8a8-int8 fp8-dynamic bf16; do
+for scheme in fp8-block w4a16-g128 w4a8-g128 nvfp4 w8a8-int8 fp8-dynamic bf16 w8a16-g128 mxfp4a16; do
   $py -m gemmguard.cli demo-model --stress --scheme $scheme --out $ckpt/dense-$scheme "${dense[@]}" &
 done
 for scheme in fp8-block w4a16-g128 nvfp4 fp8-dynamic bf16; do
@@ -68,6 +68,10 @@ dense-nvfp4|dense-nvfp4|warn||
 dense-w8a8int8|dense-w8a8-int8|warn||
 dense-fp8dynamic|dense-fp8-dynamic|warn||
 dense-bf16|dense-bf16|warn||
+dense-w8a16-machete|dense-w8a16-g128|fallback||
+dense-w8a16-marlin|dense-w8a16-g128|fallback|VLLM_DISABLED_KERNELS=MacheteLinearKernel|
+dense-mxfp4-marlin|dense-mxfp4a16|fallback||
+dense-fp8block-marlin|dense-fp8-block|warn|VLLM_TEST_FORCE_FP8_MARLIN=1|
 moe-fp8block-default|moe-fp8-block|warn||
 moe-fp8block-triton|moe-fp8-block|warn|VLLM_USE_DEEP_GEMM=0|
 moe-fp8block-deepgemm|moe-fp8-block|warn|VLLM_USE_DEEP_GEMM=1 VLLM_MOE_USE_DEEP_GEMM=1|

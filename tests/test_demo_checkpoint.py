@@ -274,3 +274,30 @@ def test_cli_writes_the_moe_demo(tmp_path: Path) -> None:
     spec = DemoSpec(num_hidden_layers=1, num_experts=4, num_experts_per_tok=1)
     assert _files(tmp_path / "cli") == _files(
         write_demo_model(tmp_path / "lib", "w4a16-g128", spec=spec, arch="qwen3-moe"))
+
+
+@pytest.mark.parametrize(("scheme", "preset", "compressor", "low", "high"), [
+    # int8 in 128-column groups: about 0.3 % relative error; MXFP4 in 32-column E8M0 blocks: ~15 %.
+    ("w8a16-g128", "W8A16", "PackedQuantizationCompressor", 0.001, 0.02),
+    ("mxfp4a16", "MXFP4A16", "MXFP4PackedCompressor", 0.05, 0.3),
+    ("w8a8-int8", "W8A8", "IntQuantizationCompressor", 0.001, 0.03),
+    ("fp8-dynamic", "FP8_DYNAMIC", "FloatQuantizationCompressor", 0.005, 0.06),
+])
+def test_weight_formats_decompress_to_the_weights_they_quantized(
+        tmp_path: Path, scheme: str, preset: str, compressor: str, low: float,
+        high: float) -> None:
+    """The schemes recorded for the calibration are written by compressed-tensors' own code:
+    its decompressor reads back the demo's weights within the format's precision."""
+    import compressed_tensors.compressors as compressors
+    from compressed_tensors.quantization import preset_name_to_scheme
+
+    bf16 = _tensors(write_demo_model(tmp_path / "bf16", "bf16"))
+    quantized = _tensors(write_demo_model(tmp_path / scheme, scheme))
+    name = "model.layers.1.mlp.down_proj"
+    state = {k.removeprefix(f"{name}."): v for k, v in quantized.items()
+             if k.startswith(f"{name}.")}
+    weight = getattr(compressors, compressor).decompress(
+        state, preset_name_to_scheme(preset, ["Linear"]))["weight"].float()
+    original = bf16[f"{name}.weight"].float()
+    rel = (weight - original).norm() / original.norm()
+    assert low < rel < high, rel

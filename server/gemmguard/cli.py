@@ -104,8 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="Write a deterministic tiny Qwen3 or Qwen3-MoE checkpoint.",
         description="Write a tiny Qwen3 (or Qwen3-MoE) checkpoint with a local tokenizer and "
         "chat template. The same seed gives byte-identical files. w4a16-g128, w4a8-g128, "
-        "w4a8-int8-g128, nvfp4, w8a8-int8 and fp8-dynamic are compressed-tensors checkpoints "
-        "written by its own compressors.",
+        "w4a8-int8-g128, nvfp4, w8a8-int8, fp8-dynamic, w8a16-g128 and mxfp4a16 are "
+        "compressed-tensors checkpoints written by its own compressors.",
     )
     demo.add_argument("--scheme", choices=SCHEMES, default="bf16",
                       help="Weight format. Default: bf16.")

@@ -23,6 +23,9 @@ PRESETS = {
     # Per-channel weights, dynamic per-token activations: vLLM's scaled-mm kernels (CUTLASS).
     "w8a8-int8": ("W8A8", "int-quantized"),
     "fp8-dynamic": ("FP8_DYNAMIC", "float-quantized"),
+    # Weight-only: int8 groups (Marlin/Machete on Hopper), MXFP4 (Marlin on Hopper).
+    "w8a16-g128": ("W8A16", "pack-quantized"),
+    "mxfp4a16": ("MXFP4A16", "mxfp4-pack-quantized"),
 }
 # Scales are stored in the model's dtype, as llm-compressor saves them (NVFP4 keeps fp8).
 SCALE_DTYPE = torch.bfloat16
@@ -50,6 +53,7 @@ def compress(weight: torch.Tensor, scheme: str,
     from compressed_tensors.compressors import (
         FloatQuantizationCompressor,
         IntQuantizationCompressor,
+        MXFP4PackedCompressor,
         NVFP4PackedCompressor,
         PackedQuantizationCompressor,
     )
@@ -74,7 +78,8 @@ def compress(weight: torch.Tensor, scheme: str,
     compressor = {"pack-quantized": PackedQuantizationCompressor,
                   "nvfp4-pack-quantized": NVFP4PackedCompressor,
                   "int-quantized": IntQuantizationCompressor,
-                  "float-quantized": FloatQuantizationCompressor}[PRESETS[scheme][1]]
+                  "float-quantized": FloatQuantizationCompressor,
+                  "mxfp4-pack-quantized": MXFP4PackedCompressor}[PRESETS[scheme][1]]
     out = dict(compressor.compress(state, quant_scheme))
     if quant_scheme.input_activations is not None and args.strategy == "tensor_group":
         out["input_global_scale"] = torch.tensor(
