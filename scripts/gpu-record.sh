@@ -42,16 +42,23 @@ step() { echo "== $(date +%T) $*" | tee -a "$out/runs/steps.log"; }
 ckpt=/tmp/gg-record
 dense=(--layers 1 --hidden-size 1024 --intermediate-size 1408)
 moe=(--arch qwen3-moe --layers 1 --hidden-size 256 --experts 16 --top-k 4 --moe-intermediate-size 128)
+# CHECKPOINTS (space-separated names) makes only those, for a call that records a few families.
+make_ckpt() {
+  local name=$1 args
+  case $name in
+    dense-*) args=("${dense[@]}") ;;
+    *-i256) args=("${moe[@]}" --moe-intermediate-size 256) ;;  # two int4 groups along w2's K
+    moe-*) args=("${moe[@]}") ;;
+  esac
+  local scheme=${name#*-}
+  scheme=${scheme%-i256}
+  $py -m gemmguard.cli demo-model --stress --scheme "$scheme" --out "$ckpt/$name" "${args[@]}"
+}
+all_ckpts="dense-fp8-block dense-w4a16-g128 dense-w4a8-g128 dense-nvfp4 dense-w8a8-int8
+  dense-fp8-dynamic dense-bf16 dense-w8a16-g128 dense-mxfp4a16 moe-fp8-block moe-w4a16-g128
+  moe-nvfp4 moe-fp8-dynamic moe-bf16 moe-w4a16-g128-i256"
 step checkpoints
-for scheme in fp8-block w4a16-g128 w4a8-g128 nvfp4 w8a8-int8 fp8-dynamic bf16 w8a16-g128 mxfp4a16; do
-  $py -m gemmguard.cli demo-model --stress --scheme $scheme --out $ckpt/dense-$scheme "${dense[@]}" &
-done
-for scheme in fp8-block w4a16-g128 nvfp4 fp8-dynamic bf16; do
-  $py -m gemmguard.cli demo-model --stress --scheme $scheme --out $ckpt/moe-$scheme "${moe[@]}" &
-done
-# Expert MLPs 256 wide: two int4 groups along the down projection's K (128 makes one).
-$py -m gemmguard.cli demo-model --stress --scheme w4a16-g128 --out $ckpt/moe-w4a16-g128-i256 \
-  "${moe[@]}" --moe-intermediate-size 256 &
+for name in ${CHECKPOINTS:-$all_ckpts}; do make_ckpt "$name" & done
 wait
 
 # family | checkpoint | policy | environment (space-separated) | gemmguard options
