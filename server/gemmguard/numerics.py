@@ -8,6 +8,11 @@ FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8_DTYPE).max)
 
 
+def pow2_ceil(scale: torch.Tensor) -> torch.Tensor:
+    """The smallest power of two ≥ each scale (E8M0/UE8M0 scales, as DeepGEMM rounds them)."""
+    return torch.exp2(torch.ceil(torch.log2(scale.clamp(min=1e-30))))
+
+
 def expand_block_scales(scale: torch.Tensor, block: tuple[int, int],
                         shape: tuple[int, ...]) -> torch.Tensor:
     """Per-element fp32 scales of a (rows, cols) weight from its per-block scales."""

@@ -26,15 +26,12 @@ FAULTY_KERNELS = {
 }
 
 
-def _pow2(scale: torch.Tensor) -> torch.Tensor:
-    return torch.exp2(torch.ceil(torch.log2(scale.clamp(min=1e-30))))
-
 
 def e8m0_requantize(weight: torch.Tensor, scale: torch.Tensor,
                     block: tuple[int, int]) -> torch.Tensor:
     """fp32 weight after DeepGEMM-style re-quantization to power-of-two block scales."""
     dequantized = numerics.dequantize_fp8_block(weight, scale, block)
-    pow2 = _pow2(scale.float())
+    pow2 = numerics.pow2_ceil(scale.float())
     expanded = numerics.expand_block_scales(pow2, block, tuple(weight.shape))
     q = (dequantized / expanded).clamp(-numerics.FP8_MAX, numerics.FP8_MAX)
     return q.to(numerics.FP8_DTYPE).float() * expanded
@@ -44,7 +41,7 @@ def e8m0_activations(x: torch.Tensor, group: int) -> torch.Tensor:
     """Activations through 1×group fp8 quantization with power-of-two scales."""
     tokens, k = x.shape
     xf = x.float().reshape(tokens, -1, group)
-    scale = _pow2(xf.abs().amax(dim=-1).clamp(min=1e-12) / numerics.FP8_MAX)
+    scale = numerics.pow2_ceil(xf.abs().amax(dim=-1).clamp(min=1e-12) / numerics.FP8_MAX)
     q = (xf / scale[..., None]).clamp(-numerics.FP8_MAX, numerics.FP8_MAX)
     return (q.to(numerics.FP8_DTYPE).float() * scale[..., None]).reshape(tokens, k)
 

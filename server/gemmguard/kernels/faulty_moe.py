@@ -34,9 +34,6 @@ FAULTY_MOE_KERNELS = {
 BLOCK = 128
 
 
-def _pow2(scale: torch.Tensor) -> torch.Tensor:
-    return torch.exp2(torch.ceil(torch.log2(scale.clamp(min=1e-30))))
-
 
 def e8m0_requantize_experts(weight: torch.Tensor, block: int = BLOCK) -> torch.Tensor:
     """(E, N, K) expert weights after fp8 quantization with power-of-two block scales."""
@@ -44,7 +41,7 @@ def e8m0_requantize_experts(weight: torch.Tensor, block: int = BLOCK) -> torch.T
     pad_n, pad_k = -n % block, -k % block
     padded = torch.nn.functional.pad(weight.float(), (0, pad_k, 0, pad_n))
     blocks = padded.reshape(experts, (n + pad_n) // block, block, (k + pad_k) // block, block)
-    scale = _pow2(blocks.abs().amax(dim=(2, 4), keepdim=True).clamp(min=1e-12)
+    scale = numerics.pow2_ceil(blocks.abs().amax(dim=(2, 4), keepdim=True).clamp(min=1e-12)
                   / numerics.FP8_MAX)
     q = (blocks / scale).clamp(-numerics.FP8_MAX, numerics.FP8_MAX).to(numerics.FP8_DTYPE)
     requantized = (q.float() * scale).reshape(experts, n + pad_n, k + pad_k)[:, :n, :k]

@@ -446,7 +446,7 @@ def install(config: CheckConfig) -> None:
         check.layers.clear()
         check.seconds, check.sample_bytes, check.phases = 0.0, 0, {}
         check.model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-        check.recorder = recording.recorder_from_env(_origin())
+        check.recorder = recording.recorder_from_env(_origin)
         _wrap_model(check, model)
         try:
             result = original(model, *args, **kwargs)

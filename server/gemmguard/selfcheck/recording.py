@@ -172,13 +172,14 @@ class Recorder:
         return path
 
 
-def recorder_from_env(origin: dict[str, str]) -> Recorder | None:
-    """The recorder GEMMGUARD_RECORD_DIR asks for (None: not recording)."""
+def recorder_from_env(origin: Callable[[], dict[str, str]]) -> Recorder | None:
+    """The recorder GEMMGUARD_RECORD_DIR asks for (None: not recording); `origin` says where
+    the recording is made, asked only when recording."""
     directory = os.environ.get("GEMMGUARD_RECORD_DIR", "")
     if not directory:
         return None
     name = os.environ.get("GEMMGUARD_RECORD_NAME", "") or "recording"
-    return Recorder(Path(directory), name, origin)
+    return Recorder(Path(directory), name, origin())
 
 
 # --- files -------------------------------------------------------------------------------------
@@ -302,9 +303,6 @@ def load_all(directory: Path) -> dict[str, list[Recording]]:
 # --- faults ------------------------------------------------------------------------------------
 
 
-def _pow2(scale: torch.Tensor) -> torch.Tensor:
-    return torch.exp2(torch.ceil(torch.log2(scale.clamp(min=1e-30))))
-
 
 # The scheme's element format: its largest value and how a value is rounded into it.
 def _round_fp8(v: torch.Tensor) -> torch.Tensor:
@@ -344,7 +342,7 @@ def e8m0_rows(weight: torch.Tensor, scheme: str = "fp8-block",
     rows, k = weight.shape
     pad = -k % block
     blocks = torch.nn.functional.pad(weight.float(), (0, pad)).reshape(rows, -1, block)
-    scale = _pow2(blocks.abs().amax(dim=-1, keepdim=True) / limit)
+    scale = numerics.pow2_ceil(blocks.abs().amax(dim=-1, keepdim=True) / limit)
     return (round_into(blocks / scale) * scale).reshape(rows, -1)[:, :k]
 
 
@@ -358,14 +356,14 @@ def e8m0_activations(x: torch.Tensor, activation: Activation) -> torch.Tensor:
     tokens, k = xf.shape
     if activation.kind == "group":
         blocks = xf.reshape(tokens, k // activation.size, activation.size)
-        scale = _pow2(blocks.abs().amax(dim=-1, keepdim=True).clamp(min=1e-12) / limit)
+        scale = numerics.pow2_ceil(blocks.abs().amax(dim=-1, keepdim=True).clamp(min=1e-12) / limit)
         return (round_into(blocks / scale) * scale).reshape(tokens, k)
     if activation.kind == "token":
-        scale = _pow2(xf.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / limit)
+        scale = numerics.pow2_ceil(xf.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / limit)
     elif activation.kind == "tensor":
-        scale = _pow2(xf.abs().amax().clamp(min=1e-12) / limit)
+        scale = numerics.pow2_ceil(xf.abs().amax().clamp(min=1e-12) / limit)
     else:  # static
-        scale = _pow2(torch.tensor(activation.static_scale, dtype=torch.float32))
+        scale = numerics.pow2_ceil(torch.tensor(activation.static_scale, dtype=torch.float32))
     return round_into(xf / scale) * scale
 
 
