@@ -140,6 +140,10 @@ def threshold(families: list[FamilyBudget]) -> tuple[float, float, float]:
     """(largest honest excess, smallest injected-fault excess, the threshold in the middle)."""
     honest = max((f.worst_honest() for f in families), default=-math.inf)
     faulty = min((f.least_faulty() for f in families), default=math.inf)
+    broken = [f.family for f in families if f.worst_honest() == math.inf]
+    if broken:
+        raise ValueError(f"a layer counted honest is broken in {', '.join(broken)}: list its "
+                         "family in calibration.KNOWN with the reason, or record it again")
     if not (math.isfinite(honest) and math.isfinite(faulty)):
         raise ValueError("the recordings give no honest or no faulty excess to calibrate on")
     if honest >= faulty:
@@ -218,7 +222,10 @@ def main() -> None:
     args = parser.parse_args()
     families = budget(recording.load_all(args.recordings))
     print(table(families))
-    honest, faulty, middle = threshold(families)
+    try:
+        honest, faulty, middle = threshold(families)
+    except ValueError as exc:
+        raise SystemExit(f"gemmguard calibration: {exc}.") from None
     print(f"\nlargest honest {honest:.4f}, smallest faulty {faulty:.4f}, threshold {middle:.4f}")
     if args.write:
         write(families, args.docs)
