@@ -31,6 +31,7 @@ REQUIRED_ALERTS = {
     "GemmguardSelfcheckFailed",
     "GemmguardSelfcheckDegraded",
     "GemmguardSelfcheckRefused",
+    "GemmguardSelfcheckIncomplete",
     "GemmguardEngineFixMissing",
     "GemmguardCanaryFailing",
     "GemmguardServerRestarted",
@@ -44,6 +45,7 @@ CONTRACT_METRICS = {
     "gemmguard_kernel_fallback_total",
     "gemmguard_selfcheck_passed",
     "gemmguard_selfcheck_complete",
+    "gemmguard_selfcheck_policy_info",  # issue 23: which unchecked layers the operator allowed
     "gemmguard_selfcheck_layers",
     "gemmguard_selfcheck_duration_seconds",
     "gemmguard_selfcheck_excess_bits",

@@ -10,7 +10,8 @@ demo servers as a ServiceMonitor would, with `namespace` and `pod` target labels
               (GemmguardServerRestarted, and the canary failures survive the restart)
     warned    --selfcheck-policy warn; the faulty E8M0 kernel (degraded) chosen after the garbage
               kernel was --deny-kernel'ed
-    unfixed   the bf16 demo with the portable-fp8 fix disabled: this CPU (no AMX) lacks it
+    unfixed   the bf16 demo with the portable-fp8 fix disabled: this CPU (no AMX) lacks it; loaded by
+              a loader that bypasses the self-check (every layer unseen: an incomplete check)
     refused   --selfcheck-policy fail with the garbage kernel (broken): the refusal linger
     fallback  the default policy with the E8M0 kernel: replaced in place
 
@@ -262,8 +263,9 @@ def fleet(tmp_path_factory: pytest.TempPathFactory, demo_cache: Path) -> Iterato
             ("--selfcheck-policy", "warn", "--deny-kernel", "GarbageFp8BlockKernel"),
             {**state("warned"), "GEMMGUARD_TEST_KERNELS": "garbage,e8m0"}),
         # Faulty test kernels would count as an FP8 block kernel here: bf16, none of them.
-        "unfixed": Scenario(("--demo-scheme", "bf16"),
-                            {**state("unfixed"), "GEMMGUARD_FIXES_DISABLE": "portable-fp8"}),
+        "unfixed": Scenario(("--demo-scheme", "bf16", "--load-format", "gemmguard-test-bypass"),
+                            {**state("unfixed"), "GEMMGUARD_FIXES_DISABLE": "portable-fp8",
+                             "GEMMGUARD_TEST_LOADER": "bypass"}),
         "refused": Scenario(
             ("--selfcheck-policy", "fail", "--selfcheck-refusal-linger", "3600"),
             {**state("refused"), "GEMMGUARD_TEST_KERNELS": "garbage"}),
@@ -302,8 +304,20 @@ def test_a_denied_kernel_alerts_as_a_fallback(fleet: Fleet) -> None:
 
 def test_a_missing_engine_fix_alerts(fleet: Fleet) -> None:
     firing = fleet.prometheus.wait_firing("unfixed", {"GemmguardEngineFixMissing"})
-    assert _alertnames(firing) == {"GemmguardEngineFixMissing"}
+    assert _alertnames(firing) <= {"GemmguardEngineFixMissing", "GemmguardSelfcheckIncomplete"}
     assert {a["fix"] for a in firing["GemmguardEngineFixMissing"]} == {"portable-fp8"}
+
+
+def test_an_incomplete_check_serves_and_alerts_as_incomplete_not_failed(fleet: Fleet) -> None:
+    """Every layer unseen (the bypassing loader), --selfcheck-unchecked warn: Ready, not passed."""
+    firing = fleet.prometheus.wait_firing("unfixed", {"GemmguardSelfcheckIncomplete"})
+    assert not {"GemmguardSelfcheckFailed", "GemmguardSelfcheckDegraded"} & set(firing)
+    assert serving(fleet.servers["unfixed"]), "warn serves an incomplete check"
+    assert fleet.prometheus.query('gemmguard_selfcheck_passed{pod="unfixed"} == 0')
+    assert fleet.prometheus.query('gemmguard_selfcheck_complete{pod="unfixed"} == 0')
+    report = fleet.servers["unfixed"].get("/gemmguard/v1/selfcheck").json()
+    assert report["modules_held"] > 0 and report["modules_seen"] == 0
+    assert report["counts"]["unchecked"] == report["modules_held"]
 
 
 # --- each self-check policy ---------------------------------------------------------------------

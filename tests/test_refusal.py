@@ -18,24 +18,24 @@ from prometheus_client.parser import text_string_to_metric_families
 from conftest import free_port
 from gemmguard.config import settings
 from gemmguard.refusal import REFUSALS, linger
+from gemmguard.selfcheck.measure import LayerResult
+from gemmguard.selfcheck.policy import Outcome
 
-# The shape of selfcheck.policy.Outcome.as_dict() for a `fail` refusal: one broken layer.
-REPORT: dict[str, Any] = {
-    "passed": False,
-    "complete": True,
-    "policy": "fail",
-    "counts": {"pass": 3, "degraded": 0, "broken": 1, "unchecked": 0},
-    "duration_seconds": 0.8,
-    "summary": "gemmguard self-check: 3 passed, 0 degraded, 1 broken (0.80s, policy fail).",
-    "ranks": [{"layers": [
-        {"layer": "model.layers.0.mlp.down_proj", "kernel": "GarbageFp8BlockKernel",
-         "verdict": "broken", "excess_bits": 9.5},
-        {"layer": "model.layers.0.mlp.gate_up_proj", "kernel": "GarbageFp8BlockKernel",
-         "verdict": "pass", "excess_bits": 0.01},
-        {"layer": "lm_head", "kernel": "GarbageFp8BlockKernel", "verdict": "pass",
-         "excess_bits": "nan"},
-    ]}],
-}
+
+def _layer(name: str, verdict: str, excess: float | None, **extra: Any) -> dict[str, Any]:
+    return {**LayerResult(name, "linear", "GarbageFp8BlockKernel", "fp8-block", verdict,
+                          bits=1.0, expected_bits=10.0, excess_bits=excess).as_dict(), **extra}
+
+
+# A `fail` refusal, as selfcheck.policy makes it: three layers pass, one is broken; the
+# head's measurement is non-finite (never exported).
+REPORT: dict[str, Any] = Outcome("fail", [{
+    "rank": 0, "seconds": 0.8, "sample_bytes": 10, "model_bytes": 1000,
+    "refusal": "1 layer(s) failed the self-check (policy fail)",
+    "layers": [_layer("model.layers.0.mlp.down_proj", "broken", 9.5),
+               _layer("model.layers.0.mlp.gate_up_proj", "pass", 0.01),
+               _layer("model.layers.0.self_attn.qkv_proj", "pass", 0.02),
+               _layer("lm_head", "pass", None)]}]).as_dict()
 
 
 def _wait_up(url: str) -> None:
@@ -90,7 +90,9 @@ def test_metrics_carry_the_report(refusing: str) -> None:
     assert rejected.labels == {"kernel": "GarbageFp8BlockKernel", "result": "broken"}
     assert rejected.value == 1
     excess = {s.labels["layer"]: s.value for s in samples["gemmguard_selfcheck_excess_bits"]}
-    assert excess == {"model.layers.0.mlp.down_proj": 9.5, "model.layers.0.mlp.gate_up_proj": 0.01}
+    assert excess == {"model.layers.0.mlp.down_proj": 9.5,
+                      "model.layers.0.mlp.gate_up_proj": 0.01,
+                      "model.layers.0.self_attn.qkv_proj": 0.02}
     assert [s.value for s in samples[REFUSALS]] == [1]
     # Nothing else of the serving server: no vLLM series, no canary, no kernels.
     assert not [name for name in samples if name.startswith(("vllm", "gemmguard_canary"))]
@@ -108,7 +110,7 @@ def test_the_report_and_the_probes(refusing: str) -> None:
     for path in ("/gemmguard/ready", "/gemmguard/live"):
         response = requests.get(refusing + path, timeout=10)
         assert response.status_code == 503
-        assert REPORT["summary"] in response.text
+        assert REPORT["summary"] in response.json()["reason"]
     for path in ("/health", "/v1/models", "/gemmguard/v1/kernels", "/"):
         assert requests.get(refusing + path, timeout=10).status_code == 404
 
@@ -182,16 +184,36 @@ def test_serve_option_sets_the_linger_and_rejects_a_negative_one() -> None:
 
 
 def test_a_fallback_without_a_passing_candidate_names_the_rejected_kernel() -> None:
-    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client import generate_latest
 
-    from gemmguard.refusal import ReportCollector
+    from gemmguard.refusal import refusal_registry
 
-    layer = {"layer": "model.layers.1.mlp.down_proj", "kernel": "E8M0RequantFp8BlockKernel",
-             "verdict": "degraded", "excess_bits": 0.6,
-             "replacement": {"rejected": "E8M0RequantFp8BlockKernel",
-                             "rejected_verdict": "degraded", "candidates": []}}
-    registry = CollectorRegistry()
-    registry.register(ReportCollector({**REPORT, "ranks": [{"layers": [layer]}]}, None))
+    layer = _layer("model.layers.1.mlp.down_proj", "degraded", 0.6,
+                   kernel="E8M0RequantFp8BlockKernel",
+                   replacement={"rejected": "E8M0RequantFp8BlockKernel",
+                                "rejected_verdict": "degraded", "candidates": []})
+    report = Outcome("fallback", [{**REPORT["ranks"][0], "layers": [layer]}]).as_dict()
+    registry = refusal_registry(report, settings({}))
     (rejected,) = _samples(generate_latest(registry).decode())[
         "gemmguard_selfcheck_rejected_layers"]
     assert rejected.labels == {"kernel": "E8M0RequantFp8BlockKernel", "result": "degraded"}
+
+
+def test_the_refusing_and_the_serving_server_export_the_same_selfcheck_series() -> None:
+    """One exporter (issue 23): both scrapes of one report are equal, help text included."""
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from gemmguard.metrics import Metrics
+    from gemmguard.refusal import refusal_registry
+
+    def selfcheck_series(registry: CollectorRegistry) -> list[str]:
+        return [line for line in generate_latest(registry).decode().splitlines()
+                if "gemmguard_selfcheck_" in line and "selfcheck_refusals" not in line]
+
+    for report in (REPORT, Outcome("warn", [{**REPORT["ranks"][0], "refusal": ""}]).as_dict()):
+        registry = CollectorRegistry()
+        Metrics(registry=registry).publish_selfcheck(Outcome.of_report(report))
+        refusing = selfcheck_series(refusal_registry(report, settings({})))
+        assert refusing == selfcheck_series(registry)
+        assert any(line.startswith("gemmguard_selfcheck_rejected_layers{") for line in refusing) \
+            is (report["policy"] != "warn")

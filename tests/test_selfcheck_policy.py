@@ -26,6 +26,36 @@ def test_passing_outcome_serves() -> None:
     assert outcome.action == "serve"
 
 
+def test_an_incomplete_check_is_not_passed_and_serves_as_incomplete() -> None:
+    outcome = Outcome("fallback", [_rank("pass", "unchecked")])
+    assert not outcome.complete and not outcome.passed and not outcome.failing
+    assert outcome.serves and outcome.action == "serve-incomplete"
+    assert "Not passed: an incomplete check is not a pass" in summary(outcome)
+    assert "--deny-kernel" not in summary(outcome)  # no kernel to avoid: none failed
+    empty = Outcome("fallback", [_rank()])
+    assert not empty.passed and not empty.complete
+    assert "INCOMPLETE: no GEMM-owning layer was checked" in summary(empty)
+
+
+def test_layers_the_check_never_saw_are_counted_and_named() -> None:
+    rank = _rank("pass", "unchecked")
+    rank["layers"][1].update(seen=False, reason="not seen by the check (loader gguf)")
+    rank.update(modules_held=2, modules_seen=1, modules_checked=1)
+    body = Outcome("fallback", [rank, {**rank, "rank": 1}]).as_dict()
+    assert (body["modules_held"], body["modules_seen"], body["modules_checked"]) == (4, 2, 2)
+    assert "INCOMPLETE: 2 unchecked, 2 of them not seen by the check" in body["summary"]
+    assert "not seen by the check (loader gguf)" in body["summary"]
+
+
+def test_a_failing_kernel_is_rejected_unless_the_policy_serves_it() -> None:
+    assert Outcome("warn", [_rank("pass", "degraded")]).rejected() == []
+    assert Outcome("fail", [_rank("pass", "degraded")]).rejected() == [("K[A|B]", "degraded")]
+    rank = _rank("pass", "pass")
+    rank["layers"][1]["replacement"] = {"rejected": "Bad", "rejected_verdict": "broken",
+                                        "kernel": "Good"}
+    assert Outcome("fallback", [rank]).rejected() == [("Bad", "broken")]
+
+
 def test_an_unchecked_layer_never_gives_passed_and_complete() -> None:
     outcome = Outcome("fallback", [_rank("pass", "unchecked")])
     assert not outcome.complete
@@ -64,3 +94,13 @@ def test_report_names_the_failing_experts_of_an_moe_layer() -> None:
     assert ("l1: K[A|B] gives 4.5 bits where the fp8-block scheme allows 5.5 (excess 1.0 "
             "bits); experts 0 broken") in text
     assert "6 pass" not in text
+
+
+def test_offline_exit_code_follows_the_unchecked_policy() -> None:
+    from gemmguard.selfcheck.policy import exit_code
+
+    assert exit_code(Outcome("warn", [_rank("pass")], "warn")) == 0
+    assert exit_code(Outcome("warn", [_rank("pass", "degraded")], "allow")) == 1
+    assert exit_code(Outcome("warn", [_rank("pass", "unchecked")], "warn")) == 1
+    assert exit_code(Outcome("warn", [_rank("pass", "unchecked")], "allow")) == 0
+    assert exit_code(Outcome("fallback", [_rank("unchecked", refusal="unchecked")], "fail")) == 3

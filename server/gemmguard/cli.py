@@ -46,18 +46,31 @@ def _kernels(args: argparse.Namespace) -> int:
 def _selfcheck(args: argparse.Namespace) -> int:
     import json
     import os
+    import tempfile
 
     from gemmguard.config import PREFIX
+    from gemmguard.launcher import refusal_report
     from gemmguard.offline import start_engine
-    from gemmguard.selfcheck.policy import Outcome, summary
+    from gemmguard.selfcheck.policy import Outcome, exit_code
 
-    # The engine's processes read the policy at load, from the environment they inherit.
-    os.environ[PREFIX + "SELFCHECK_POLICY"] = args.policy
-    os.environ[PREFIX + "SELFCHECK_UNCHECKED"] = "allow"
-    engine = start_engine(args.model, args.vllm_args, args.deny_kernel)
-    outcome = Outcome(args.policy, engine.collective_rpc("gemmguard_selfcheck"), "allow")
-    print(json.dumps(outcome.as_dict(), indent=2) if args.json else summary(outcome))
-    return 0 if outcome.passed else 1
+    with tempfile.TemporaryDirectory(prefix="gemmguard-selfcheck-") as tmp:
+        report_file = Path(tmp) / "selfcheck.json"
+        # The engine's processes read the policies at load, from the environment they inherit.
+        os.environ.update({PREFIX + "SELFCHECK_POLICY": args.policy,
+                           PREFIX + "SELFCHECK_UNCHECKED": args.selfcheck_unchecked,
+                           PREFIX + "SELFCHECK_REPORT_FILE": str(report_file)})
+        try:
+            engine = start_engine(args.model, args.vllm_args, args.deny_kernel)
+            report = Outcome(args.policy, engine.collective_rpc("gemmguard_selfcheck"),
+                             args.selfcheck_unchecked).as_dict()
+        except Exception:
+            # A refusing check stops the engine's start-up: its report is the answer.
+            refused = refusal_report(report_file)
+            if refused is None:
+                raise
+            report = refused
+    print(json.dumps(report, indent=2) if args.json else report["summary"])
+    return exit_code(Outcome.of_report(report))
 
 
 def _fixes(args: argparse.Namespace) -> int:
@@ -157,8 +170,11 @@ def build_parser() -> argparse.ArgumentParser:
         "selfcheck",
         help="Load MODEL offline and check every layer's kernel against a reference GEMM.",
         description="Load MODEL with vLLM (no server), compare each layer's kernel with a "
-        "reference GEMM built from the checkpoint, print the report; exit 1 on any degraded or "
-        "broken layer. Unknown options are vLLM's.",
+        "reference GEMM built from the checkpoint, print the report. Exit 0 when every layer "
+        "was checked and passed; 1 when a layer is degraded or broken, or was not checked "
+        "(unless --selfcheck-unchecked allow); 3 when the check refuses to serve (policy "
+        "fallback without a passing replacement, or --selfcheck-unchecked fail). Unknown "
+        "options are vLLM's.",
     )
     selfcheck.add_argument("model", help="Checkpoint folder or Hugging Face model id.")
     selfcheck.add_argument("--json", action="store_true", help="Print the full JSON report.")
@@ -166,6 +182,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--policy", choices=("warn", "fallback"), default="warn",
         help="warn: report the kernels vLLM chose; fallback: also replace failing ones in "
         "place and report the replacements. Default: warn.")
+    selfcheck.add_argument(
+        "--selfcheck-unchecked", choices=("allow", "warn", "fail"), default="warn",
+        help="Layers the check could not check (no reference for their scheme, or not seen "
+        "by it): allow (exit 0 if the rest passed), warn (exit 1), fail (refuse: exit 3). "
+        "Default: warn.")
     add_deny_option(selfcheck)
     selfcheck.set_defaults(handler=_selfcheck)
 

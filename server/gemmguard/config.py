@@ -124,6 +124,12 @@ class Settings:
     def test_kernels(self) -> tuple[str, ...]:
         return self.get("TEST_KERNELS", _test_kernels, ())
 
+    # A test loader that post-processes weights past the self-check, as GGUF's does ("bypass":
+    # load format gemmguard-test-bypass; gemmguard.vllm_adapter.bypass_loader).
+    @property
+    def test_loader(self) -> str:
+        return self.get("TEST_LOADER", _choice(("bypass",)), "")
+
     # Directory whose counters outlive the process (canary failures, restarts, refusals); the
     # chart mounts a pod-lifetime emptyDir there. Default: none, counters start at 0.
     @property

@@ -22,7 +22,7 @@ from gemmguard.build import build_info
 from gemmguard.canary import CanaryConfig, Liveness
 from gemmguard.config import settings
 from gemmguard.metrics import process_metrics
-from gemmguard.selfcheck.policy import Outcome, summary
+from gemmguard.selfcheck.policy import Outcome, refuse, summary
 
 # A child of vLLM's logger, so gemmguard's lines use vLLM's handler and format.
 logger = logging.getLogger("vllm.gemmguard")
@@ -160,15 +160,18 @@ class GemmguardEndpoints:
             # Counters are summed over API servers in multiprocess mode: count them once.
             count_fallbacks=vllm_adapter.api_server_index(engine_client) == 0,
         )
-        # The engine checked (and, by policy, replaced) every layer at load; a refusing engine
-        # never gets here. The API server only publishes what the ranks report.
+        # The engine checked (and, by policy, replaced) every layer at load, and a refusing
+        # engine never gets here, unless its loader bypassed the check: then the ranks report
+        # every GEMM unseen, and --selfcheck-unchecked fail refuses here.
         gg.selfcheck = Outcome(cfg.selfcheck_policy, await every_rank("gemmguard_selfcheck"),
                                cfg.selfcheck_unchecked)
         metrics.publish_selfcheck(gg.selfcheck, per_layer=cfg.per_layer_metrics)
         report = summary(gg.selfcheck)
-        quiet = gg.selfcheck.passed and (gg.selfcheck.complete
-                                         or cfg.selfcheck_unchecked == "allow")
+        quiet = gg.selfcheck.passed or (not gg.selfcheck.failing
+                                         and cfg.selfcheck_unchecked == "allow")
         (logger.info if quiet else logger.warning)("%s", report)
+        if not gg.selfcheck.serves:
+            refuse(gg.selfcheck, cfg.selfcheck_report_file, "s-api-server")
         gg.liveness = Liveness(engine_client, CanaryConfig(
             enabled=cfg.canary_interval > 0, interval=cfg.canary_interval,
             deadline=cfg.canary_deadline, prompt=cfg.canary_prompt), metrics)

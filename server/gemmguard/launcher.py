@@ -29,6 +29,7 @@ from gemmguard.config import POLICIES, PREFIX, UNCHECKED_POLICIES, settings
 from gemmguard.demo.store import DEMO_SERVED_NAME, demo_model_path, ensure_demo_model
 from gemmguard.endpoints import PLUGIN_NAME
 from gemmguard.errors import ServeError, UsageError
+from gemmguard.selfcheck.policy import EXIT_REFUSED
 from gemmguard.vllm_adapter.serve_args import configured_model, parse_serve_args
 from gemmguard.worker import EXTENSION_CLS
 
@@ -312,7 +313,7 @@ def _run_once(plan: ServePlan, env: dict[str, str]) -> int:
 
 
 # Exit code when the self-check refuses to serve (see selfcheck.load_check).
-EXIT_SELFCHECK_FAILED = 3
+EXIT_SELFCHECK_FAILED = EXIT_REFUSED
 
 
 def refusal_report(report_file: Path) -> dict[str, Any] | None:

@@ -8,6 +8,7 @@ counters, which that mode sums over processes, are published by API server 0 onl
 
 from __future__ import annotations
 
+import math
 import re
 import statistics
 from collections import Counter as Tally
@@ -21,6 +22,7 @@ from gemmguard.config import settings
 from gemmguard.counter_store import CounterStore, PersistedCounter
 
 BUILD_LABELS = ("version", "vllm_version", "torch_version", "platform", "device")
+BUILD_INFO_HELP = "gemmguard, vLLM and torch versions, platform and device (always 1)."
 LAYER_LABELS = ("layer", "layer_type", "scheme", "kernel", "rank")
 AGGREGATE_LABELS = ("kernel", "scheme", "layer_type")
 FALLBACK_LABELS = ("layer_type", "scheme", "preferred", "chosen", "reason")
@@ -37,6 +39,83 @@ def bounded_label(value: object, limit: int = MAX_LABEL_CHARS) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
+def _gauge(registry: CollectorRegistry | None, name: str, doc: str,
+           labels: Iterable[str] = ()) -> Gauge:
+    return Gauge(name, doc, tuple(labels), multiprocess_mode="mostrecent", registry=registry)
+
+
+class SelfcheckMetrics:
+    """The gemmguard_selfcheck_* gauges, one definition for the serving server and for the
+    refusing one (`refusal.py`), so both say the same thing of the same report."""
+
+    def __init__(self, registry: CollectorRegistry | None = REGISTRY) -> None:
+        self.passed = _gauge(
+            registry, "gemmguard_selfcheck_passed",
+            "1 when every GEMM-owning layer was checked and none runs a degraded or broken "
+            "kernel, else 0 (an incomplete check is not passed: gemmguard_selfcheck_complete).")
+        self.complete = _gauge(
+            registry, "gemmguard_selfcheck_complete",
+            "1 when every GEMM-owning layer was checked, 0 when some are unchecked or were "
+            "not seen by the check.")
+        self.policy = _gauge(
+            registry, "gemmguard_selfcheck_policy_info",
+            "The policies the self-check ran under (always 1): policy (warn, fallback, fail) "
+            "for failing layers, unchecked (allow, warn, fail) for layers it could not check.",
+            ("policy", "unchecked"))
+        self.layers = _gauge(
+            registry, "gemmguard_selfcheck_layers",
+            "Layers per self-check result of the kernel they serve with "
+            "(pass, degraded, broken, unchecked).", ("result",))
+        self.rejected_layers = _gauge(
+            registry, "gemmguard_selfcheck_rejected_layers",
+            "Layers whose kernel the self-check rejected at load, by rejected kernel and its "
+            "verdict (the layer then serves on a replacement, or start-up refused).",
+            ("kernel", "result"))
+        self.replacement_cost = _gauge(
+            registry, "gemmguard_selfcheck_replacement_cost_ratio",
+            "Time of the replacement kernel over the rejected one on the layer's shape "
+            "(median over the layers replaced by this pair).", ("rejected", "replacement"))
+        self.duration = _gauge(
+            registry, "gemmguard_selfcheck_duration_seconds",
+            "Seconds the start-up self-check took on the slowest rank.")
+        self.excess_bits = _gauge(
+            registry, "gemmguard_selfcheck_excess_bits",
+            "Bits a layer's kernel loses against what its quantization scheme allows.",
+            ("layer", "kernel"))
+
+    def publish(self, outcome: Any, *, per_layer: bool = True) -> None:
+        """Export a self-check outcome (selfcheck.policy.Outcome)."""
+        self.passed.set(1 if outcome.passed else 0)
+        self.complete.set(1 if outcome.complete else 0)
+        self.policy.clear()
+        self.policy.labels(outcome.policy, outcome.unchecked_policy).set(1)
+        for result, count in outcome.counts().items():
+            self.layers.labels(result).set(count)
+        self.duration.set(outcome.seconds())
+        self.rejected_layers.clear()
+        rejected = Tally((bounded_label(kernel), verdict) for kernel, verdict in outcome.rejected())
+        for (kernel, result), count in sorted(rejected.items()):
+            self.rejected_layers.labels(kernel, result).set(count)
+        costs: dict[tuple[str, str], list[float]] = {}
+        for item in outcome.replacements():
+            if item.get("kernel") and item.get("cost_ratio") is not None:
+                pair = (bounded_label(item["rejected"]), bounded_label(item["kernel"]))
+                costs.setdefault(pair, []).append(float(item["cost_ratio"]))
+        self.replacement_cost.clear()
+        for pair, ratios in costs.items():
+            self.replacement_cost.labels(*pair).set(statistics.median(ratios))
+        self.excess_bits.clear()
+        if per_layer:
+            for layer in outcome.layers:
+                bits = layer.get("excess_bits")
+                # Unchecked layers and non-finite measurements have no number to export.
+                if bits is None or not math.isfinite(float(bits)):
+                    continue
+                self.excess_bits.labels(
+                    bounded_label(layer["layer"]), bounded_label(layer["kernel"])
+                ).set(float(bits))
+
+
 class Metrics:
     """The gemmguard metric families of one API-server process."""
 
@@ -46,12 +125,10 @@ class Metrics:
         store = CounterStore(state_dir) if state_dir is not None else None
 
         def gauge(name: str, doc: str, labels: Iterable[str] = ()) -> Gauge:
-            return Gauge(name, doc, tuple(labels), multiprocess_mode="mostrecent",
-                         registry=registry)
+            return _gauge(registry, name, doc, labels)
 
         self.build_info = gauge(
-            "gemmguard_build_info",
-            "gemmguard, vLLM and torch versions, platform and device (always 1).",
+            "gemmguard_build_info", BUILD_INFO_HELP,
             BUILD_LABELS,
         )
         self.layer_kernel_info = gauge(
@@ -72,42 +149,7 @@ class Metrics:
             registry=registry,
         )
 
-        self.selfcheck_passed = gauge(
-            "gemmguard_selfcheck_passed",
-            "1 when no checked layer runs a degraded or broken kernel, else 0 "
-            "(see gemmguard_selfcheck_complete for layers that were not checked).",
-        )
-        self.selfcheck_complete = gauge(
-            "gemmguard_selfcheck_complete",
-            "1 when every GEMM-owning layer was checked, 0 when some are unchecked.",
-        )
-        self.selfcheck_layers = gauge(
-            "gemmguard_selfcheck_layers",
-            "Layers per self-check result of the kernel they serve with "
-            "(pass, degraded, broken, unchecked).",
-            ("result",),
-        )
-        self.selfcheck_rejected_layers = gauge(
-            "gemmguard_selfcheck_rejected_layers",
-            "Layers whose kernel the self-check rejected at load, by rejected kernel and its "
-            "verdict (the layer then serves on a replacement, or start-up refused).",
-            ("kernel", "result"),
-        )
-        self.selfcheck_replacement_cost = gauge(
-            "gemmguard_selfcheck_replacement_cost_ratio",
-            "Time of the replacement kernel over the rejected one on the layer's shape "
-            "(median over the layers replaced by this pair).",
-            ("rejected", "replacement"),
-        )
-        self.selfcheck_duration = gauge(
-            "gemmguard_selfcheck_duration_seconds",
-            "Seconds the start-up self-check took on the slowest rank.",
-        )
-        self.selfcheck_excess_bits = gauge(
-            "gemmguard_selfcheck_excess_bits",
-            "Bits a layer's kernel loses against what its quantization scheme allows.",
-            ("layer", "kernel"),
-        )
+        self.selfcheck = SelfcheckMetrics(registry)
 
         self.engine_fix_info = gauge(
             "gemmguard_engine_fix_info",
@@ -157,33 +199,7 @@ class Metrics:
 
     def publish_selfcheck(self, outcome: Any, *, per_layer: bool = True) -> None:
         """Export a self-check outcome (selfcheck.policy.Outcome)."""
-        self.selfcheck_passed.set(1 if outcome.passed else 0)
-        self.selfcheck_complete.set(1 if outcome.complete else 0)
-        for result, count in outcome.counts().items():
-            self.selfcheck_layers.labels(result).set(count)
-        self.selfcheck_duration.set(outcome.seconds())
-        rejected: Tally[tuple[str, str]] = Tally()
-        costs: dict[tuple[str, str], list[float]] = {}
-        for item in outcome.replacements():
-            rejected[(bounded_label(item["rejected"]), item["rejected_verdict"])] += 1
-            if item.get("kernel") and item.get("cost_ratio") is not None:
-                pair = (bounded_label(item["rejected"]), bounded_label(item["kernel"]))
-                costs.setdefault(pair, []).append(float(item["cost_ratio"]))
-        self.selfcheck_rejected_layers.clear()
-        for (kernel, result), count in rejected.items():
-            self.selfcheck_rejected_layers.labels(kernel, result).set(count)
-        self.selfcheck_replacement_cost.clear()
-        for pair, ratios in costs.items():
-            self.selfcheck_replacement_cost.labels(*pair).set(statistics.median(ratios))
-        self.selfcheck_excess_bits.clear()
-        if per_layer:
-            for layer in outcome.layers:
-                # Unchecked layers and non-finite measurements have no number to export.
-                if layer["excess_bits"] is None:
-                    continue
-                self.selfcheck_excess_bits.labels(
-                    bounded_label(layer["layer"]), bounded_label(layer["kernel"])
-                ).set(float(layer["excess_bits"]))
+        self.selfcheck.publish(outcome, per_layer=per_layer)
 
     def publish_build(self, info: Mapping[str, Any]) -> None:
         """Set gemmguard_build_info from one process's build info."""

@@ -95,6 +95,10 @@ def register() -> None:
     # Before selection.install, whose wrapper (outside this one) applies the deny list.
     add_faulty_moe_kernels(cfg.test_kernels)
     selection.install(cfg.deny_kernels)
+    if cfg.test_loader == "bypass":
+        from gemmguard.vllm_adapter import bypass_loader
+
+        bypass_loader.register()
     load_check.install(load_check.CheckConfig(
         policy=cfg.selfcheck_policy, unchecked=cfg.selfcheck_unchecked,
         report_file=cfg.selfcheck_report_file))

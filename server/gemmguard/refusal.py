@@ -19,133 +19,46 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import signal
 import socket
 import sys
 import threading
-from collections import Counter as Tally
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from prometheus_client import CollectorRegistry
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client import CollectorRegistry, Gauge
 from prometheus_client.exposition import choose_encoder
 
 from gemmguard.config import Settings
 from gemmguard.counter_store import CounterStore, PersistedCounter
-from gemmguard.metrics import BUILD_LABELS, bounded_label
+from gemmguard.metrics import BUILD_INFO_HELP, BUILD_LABELS, SelfcheckMetrics
+from gemmguard.selfcheck.policy import Outcome
 
 logger = logging.getLogger("gemmguard.refusal")
 
 REFUSALS = "gemmguard_selfcheck_refusals_total"
-# Verdicts for which the self-check rejects a layer's kernel (selfcheck/policy.py).
-REJECTED = ("degraded", "broken")
-
-
-def _layers(report: Mapping[str, Any]) -> Iterator[Mapping[str, Any]]:
-    for rank in report.get("ranks") or ():
-        yield from rank.get("layers") or ()
-
-
-def _finite(value: Any) -> float | None:
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        return None
-    return number if math.isfinite(number) else None
-
-
-def _rejected(row: Mapping[str, Any]) -> tuple[str, str] | None:
-    """(rejected kernel, its verdict) of a layer, or None: a replacement that was tried (policy
-    fallback) names the kernel it rejected; under `fail` the failing kernel is still the layer's."""
-    tried = row.get("replacement") or {}
-    if tried.get("rejected"):
-        return bounded_label(tried["rejected"]), str(tried.get("rejected_verdict"))
-    if row.get("verdict") in REJECTED:
-        return bounded_label(row.get("kernel", "")), str(row["verdict"])
-    return None
-
-
-class ReportCollector:
-    """The self-check's series, as the serving server exports them, from its report dict."""
-
-    def __init__(self, report: Mapping[str, Any], build: Mapping[str, str] | None,
-                 per_layer: bool = True) -> None:
-        self.report = report
-        self.build = build
-        self.per_layer = per_layer
-
-    def collect(self) -> Iterator[Metric]:
-        report = self.report
-        yield GaugeMetricFamily(
-            "gemmguard_selfcheck_passed",
-            "1 when every layer passed the start-up self-check, else 0.",
-            value=1 if report.get("passed") else 0,
-        )
-        if report.get("complete") is not None:
-            yield GaugeMetricFamily(
-                "gemmguard_selfcheck_complete",
-                "1 when the self-check checked every GEMM-owning layer, else 0.",
-                value=1 if report["complete"] else 0,
-            )
-        layers = GaugeMetricFamily(
-            "gemmguard_selfcheck_layers", "Layers per self-check result.", labels=["result"]
-        )
-        for result, count in (report.get("counts") or {}).items():
-            layers.add_metric([str(result)], float(count))
-        yield layers
-        duration = _finite(report.get("duration_seconds"))
-        if duration is not None:
-            yield GaugeMetricFamily(
-                "gemmguard_selfcheck_duration_seconds",
-                "Seconds the start-up self-check took on the slowest rank.",
-                value=duration,
-            )
-        rejected = GaugeMetricFamily(
-            "gemmguard_selfcheck_rejected_layers",
-            "Layers whose kernel the self-check rejected, by rejected kernel and its verdict.",
-            labels=["kernel", "result"],
-        )
-        tally = Tally(found for found in map(_rejected, _layers(report)) if found is not None)
-        for (kernel, result), count in sorted(tally.items()):
-            rejected.add_metric([kernel, result], count)
-        yield rejected
-        if self.per_layer:
-            excess = GaugeMetricFamily(
-                "gemmguard_selfcheck_excess_bits",
-                "Bits a layer's kernel loses against what its quantization scheme allows.",
-                labels=["layer", "kernel"],
-            )
-            for row in _layers(report):
-                bits = _finite(row.get("excess_bits"))
-                if bits is not None:  # never NaN/Inf on /metrics
-                    excess.add_metric(
-                        [bounded_label(row.get("layer", "")), bounded_label(row.get("kernel", ""))],
-                        bits,
-                    )
-            yield excess
-        if self.build is not None:
-            info = GaugeMetricFamily(
-                "gemmguard_build_info",
-                "gemmguard, vLLM and torch versions, platform and device (always 1).",
-                labels=list(BUILD_LABELS),
-            )
-            info.add_metric([str(self.build.get(label, "")) for label in BUILD_LABELS], 1)
-            yield info
 
 
 def refusal_registry(report: Mapping[str, Any], settings: Settings,
                      build: Mapping[str, str] | None = None) -> CollectorRegistry:
-    """A registry with the report's series and the refusal counter, counted once more."""
+    """A registry with the report's series and the refusal counter, counted once more.
+
+    The self-check's series come from the serving server's own exporter
+    (`metrics.SelfcheckMetrics`), fed the same report: same help, same rules.
+    """
     registry = CollectorRegistry()
-    registry.register(ReportCollector(report, build, settings.per_layer_metrics))
+    SelfcheckMetrics(registry).publish(Outcome.of_report(report),
+                                       per_layer=settings.per_layer_metrics)
+    if build is not None:
+        info = Gauge("gemmguard_build_info", BUILD_INFO_HELP, BUILD_LABELS, registry=registry)
+        info.labels(*(str(build.get(label, "")) for label in BUILD_LABELS)).set(1)
     state = settings.state_dir
     refusals = PersistedCounter(
         REFUSALS,
-        "Times the server refused to serve because its kernels failed the self-check; kept "
-        "across container restarts in GEMMGUARD_STATE_DIR.",
+        "Times the server refused to serve by its start-up self-check (a failing kernel, or "
+        "unchecked layers under --selfcheck-unchecked fail); kept across container restarts "
+        "in GEMMGUARD_STATE_DIR.",
         registry=registry,
         store=CounterStore(state) if state is not None else None,
     )

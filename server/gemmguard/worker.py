@@ -50,10 +50,14 @@ class GemmguardWorkerExtension:
 
     def gemmguard_selfcheck(self) -> dict[str, Any]:
         """This rank's self-check, run at load (see selfcheck.load_check)."""
+        from gemmguard import vllm_adapter
         from gemmguard.selfcheck.load_check import rank_check
 
         ranks = self._gemmguard_ranks()
-        return {**rank_check().as_dict(ranks["rank"]), **ranks}
+        # The model this worker serves: one its loader kept from the check is reported unseen.
+        model = self.get_model()  # type: ignore[attr-defined]
+        check = rank_check(model, vllm_adapter.load_format(getattr(self, "vllm_config", None)))
+        return {**check.as_dict(ranks["rank"]), **ranks}
 
     def gemmguard_fixes(self) -> list[dict[str, str]]:
         """This rank's engine fixes: upstream, patched, missing, not_applicable or unknown."""

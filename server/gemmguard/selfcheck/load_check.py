@@ -22,21 +22,19 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import json
 import logging
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from gemmguard import ledger, vllm_adapter
-from gemmguard.errors import SelfcheckFailed
 from gemmguard.inventory import report
 from gemmguard.inventory.selection import SELFCHECK, SLOWER
 from gemmguard.kernels.portable_fp8_block import PORTABLE_KERNEL_NAMES
 from gemmguard.selfcheck import measure, recording, replacement, sample, schemes
+from gemmguard.selfcheck.coverage import Coverage, reconcile
 from gemmguard.selfcheck.measure import FAILING, LayerResult
 from gemmguard.vllm_adapter import layer as vllm_layer
 
@@ -73,11 +71,14 @@ class RankCheck:
     decisions: dict[tuple[str, str, tuple[int, ...]], str] = field(default_factory=dict)
     # Keeps the kernels' outputs for replay on other machines (GEMMGUARD_RECORD_DIR).
     recorder: recording.Recorder | None = None
+    # The GEMM-owning modules of the model, reconciled with the rows (selfcheck.coverage).
+    coverage: Coverage = field(default_factory=Coverage)
 
     def as_dict(self, rank: int) -> dict[str, Any]:
         return {"rank": rank, "seconds": round(self.seconds, 4),
                 "phase_seconds": {k: round(v, 4) for k, v in self.phases.items()},
                 "sample_bytes": self.sample_bytes, "model_bytes": self.model_bytes,
+                **self.coverage.as_dict(),
                 "refusal": self.refusal, "compile_cache_key": self.compile_key,
                 "layers": [r.as_dict() for r in self.layers]}
 
@@ -85,9 +86,31 @@ class RankCheck:
 _CHECK = RankCheck()
 
 
-def rank_check() -> RankCheck:
-    """The check this process ran at load (empty before the model is loaded)."""
-    return _CHECK
+# Set on a model the check walked, so that a model loaded past the check is told apart.
+CHECKED_MARK = "_gemmguard_selfchecked"
+
+
+def rank_check(model: torch.nn.Module | None = None, loader: str = "unknown") -> RankCheck:
+    """The check this process ran at load of `model` (empty before the model is loaded).
+
+    A model whose loader never called the post-processing walk gemmguard wraps gets its check
+    now: every GEMM-owning module `unchecked`, not seen by the check, and a refusal where
+    --selfcheck-unchecked fail says so. The API server then refuses to serve.
+    """
+    if model is None or getattr(model, CHECKED_MARK, False):
+        return _CHECK
+    check = _CHECK
+    check.layers.clear()
+    check.seconds, check.sample_bytes, check.phases = 0.0, 0, {}
+    check.model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    check.coverage = reconcile(check.layers, model, loader)
+    check.refusal = refusal(check)
+    object.__setattr__(model, CHECKED_MARK, True)
+    logger.warning("gemmguard: the self-check never ran: loader %s did not post-process the "
+                   "weights through the step gemmguard checks; %d GEMM-owning module(s) are "
+                   "unchecked (--selfcheck-unchecked %s)", loader, check.coverage.held,
+                   check.config.unchecked)
+    return check
 
 
 def _layer_type(module: Any) -> str | None:
@@ -394,17 +417,11 @@ def finish(check: RankCheck, rank: int) -> None:
     check.refusal = refusal(check)
     if not check.refusal:
         return
-    if check.config.report_file:
-        from gemmguard.selfcheck.policy import Outcome
+    from gemmguard.selfcheck.policy import Outcome, refuse, summary
 
-        outcome = Outcome(check.config.policy, [check.as_dict(rank)], check.config.unchecked)
-        path = Path(f"{check.config.report_file}.rank{rank}")
-        path.write_text(json.dumps(outcome.as_dict(), indent=1))
-    from gemmguard.selfcheck.policy import Outcome, summary
-
-    text = summary(Outcome(check.config.policy, [check.as_dict(rank)], check.config.unchecked))
-    logger.error("%s", text)
-    raise SelfcheckFailed(f"gemmguard refuses to serve: {check.refusal}.\n{text}")
+    outcome = Outcome(check.config.policy, [check.as_dict(rank)], check.config.unchecked)
+    logger.error("%s", summary(outcome))
+    refuse(outcome, check.config.report_file, str(rank))
 
 
 CHECK_PATCH = ledger.Patch(
@@ -452,6 +469,8 @@ def install(config: CheckConfig) -> None:
             result = original(model, *args, **kwargs)
         finally:
             _unwrap(model)
+        check.coverage = reconcile(check.layers, model, vllm_adapter.load_format())
+        object.__setattr__(model, CHECKED_MARK, True)
         if check.recorder is not None:
             check.recorder.flush(vllm_adapter.global_rank())
         finish(check, vllm_adapter.global_rank())

@@ -105,13 +105,16 @@ class LayerResult:
     reason: str = ""
     experts: list[dict[str, Any]] = field(default_factory=list)
     replacement: dict[str, Any] | None = None
+    # False: the check never saw the layer (its loader bypassed the check; selfcheck.coverage).
+    seen: bool = True
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
-def unchecked(layer: str, layer_type: str, kernel: str, scheme: str, reason: str) -> LayerResult:
-    return LayerResult(layer, layer_type, kernel, scheme, "unchecked", reason=reason)
+def unchecked(layer: str, layer_type: str, kernel: str, scheme: str, reason: str,
+              seen: bool = True) -> LayerResult:
+    return LayerResult(layer, layer_type, kernel, scheme, "unchecked", reason=reason, seen=seen)
 
 
 def verdict(bits: float, excess: float, worst_block_error: float,

@@ -1,14 +1,19 @@
 """The whole engine's self-check, as every rank reported it: counts, completeness, a summary.
 
-Decisions are made at load, per rank, by `selfcheck.load_check`; this module only reads
-what the ranks report, for the API server, the CLI and the refusal report.
+Decisions are made at load, per rank, by `selfcheck.load_check`; this module reads what the
+ranks report, for the API server, the CLI and the refusal report, and `refuse` stops a
+start-up whose outcome does not serve.
 """
 
 from __future__ import annotations
 
+import json
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, NoReturn
 
+from gemmguard.errors import SelfcheckFailed
 from gemmguard.selfcheck.measure import FAILING, VERDICTS
 
 
@@ -19,6 +24,12 @@ class Outcome:
     policy: str
     ranks: list[dict[str, Any]]
     unchecked_policy: str = "warn"
+
+    @classmethod
+    def of_report(cls, report: Mapping[str, Any]) -> Outcome:
+        """The outcome a report (`as_dict`) was made from."""
+        return cls(str(report.get("policy") or "fallback"), list(report.get("ranks") or ()),
+                   str(report.get("unchecked_policy") or "warn"))
 
     @property
     def layers(self) -> list[dict[str, Any]]:
@@ -32,14 +43,24 @@ class Outcome:
 
     @property
     def passed(self) -> bool:
-        """No checked layer runs a degraded or broken kernel (see `complete` for the rest)."""
-        return not any(layer["verdict"] in FAILING for layer in self.layers)
+        """Every GEMM-owning layer was checked and none runs a degraded or broken kernel."""
+        return self.complete and not self.failing
+
+    @property
+    def failing(self) -> bool:
+        """Some checked layer runs (or, refused, would run) a degraded or broken kernel."""
+        return any(layer["verdict"] in FAILING for layer in self.layers)
 
     @property
     def complete(self) -> bool:
-        """Every GEMM-owning layer was checked."""
+        """Every GEMM-owning layer was checked (none unchecked, none unseen by the check)."""
         return bool(self.layers) and not any(layer["verdict"] == "unchecked"
                                              for layer in self.layers)
+
+    def coverage(self) -> dict[str, int]:
+        """GEMM-owning modules over all ranks: held by the model, seen and checked by the check."""
+        keys = ("modules_held", "modules_seen", "modules_checked")
+        return {key: sum(int(rank.get(key) or 0) for rank in self.ranks) for key in keys}
 
     @property
     def refusal(self) -> str:
@@ -52,14 +73,31 @@ class Outcome:
 
     @property
     def action(self) -> str:
+        """refuse, serve (passed), serve-degraded (a failing kernel serves: policy warn), or
+        serve-incomplete (some layers unchecked, allowed by --selfcheck-unchecked)."""
         if self.refusal:
             return "refuse"
-        return "serve" if self.passed else "serve-degraded"
+        if self.failing:
+            return "serve-degraded"
+        return "serve" if self.passed else "serve-incomplete"
 
     def replacements(self) -> list[dict[str, Any]]:
         """Layers whose kernel the check rejected, with what replaced it (if anything)."""
         return [{"layer": layer["layer"], **layer["replacement"]} for layer in self.layers
                 if layer.get("replacement")]
+
+    def rejected(self) -> list[tuple[str, str]]:
+        """(kernel, verdict) of every layer whose kernel the check rejected: a replacement was
+        tried (policy fallback), or the failing kernel refused start-up (policy fail). Under
+        policy warn a failing kernel serves: it is reported, not rejected."""
+        found = []
+        for layer in self.layers:
+            tried = layer.get("replacement") or {}
+            if tried.get("rejected"):
+                found.append((str(tried["rejected"]), str(tried.get("rejected_verdict"))))
+            elif layer["verdict"] in FAILING and self.policy != "warn":
+                found.append((str(layer["kernel"]), str(layer["verdict"])))
+        return found
 
     def offending_kernels(self) -> list[str]:
         """Kernel classes still failing, as --deny-kernel takes them (a dispatcher with parts)."""
@@ -86,6 +124,7 @@ class Outcome:
             "action": self.action,
             "refusal": self.refusal,
             "counts": self.counts(),
+            **self.coverage(),
             "duration_seconds": self.seconds(),
             "sample_bytes": sample,
             "model_bytes": weights,
@@ -106,7 +145,15 @@ def _bits(value: Any) -> str:
 def summary(outcome: Outcome) -> str:
     """A one-screen report: failing, replaced and unchecked layers, and what to do."""
     counts = outcome.counts()
-    state = "complete" if outcome.complete else f"INCOMPLETE: {counts['unchecked']} unchecked"
+    unseen = sum(1 for layer in outcome.layers if layer.get("seen") is False)
+    if outcome.complete:
+        state = "complete"
+    elif not outcome.layers:
+        state = "INCOMPLETE: no GEMM-owning layer was checked"
+    else:
+        state = f"INCOMPLETE: {counts['unchecked']} unchecked"
+        if unseen:
+            state += f", {unseen} of them not seen by the check"
     lines = [
         f"gemmguard self-check: {counts['pass']} passed, {counts['degraded']} degraded, "
         f"{counts['broken']} broken, {counts['unchecked']} unchecked ({state}; "
@@ -136,9 +183,34 @@ def summary(outcome: Outcome) -> str:
                      f"{layer['reason']}")
     if len(unchecked) > 10:
         lines.append(f"  … and {len(unchecked) - 10} more unchecked layers")
+    if unchecked and not outcome.refusal:
+        lines.append(f"  Not passed: an incomplete check is not a pass; it serves under "
+                     f"--selfcheck-unchecked {outcome.unchecked_policy} (fail refuses).")
     if outcome.refusal:
         lines.append(f"  Refused: {outcome.refusal}.")
-    if not outcome.passed:
+    if outcome.offending_kernels():
         options = " ".join(f"--deny-kernel {name}" for name in outcome.offending_kernels())
         lines.append(f"  Avoid these kernels with: gemmguard serve … {options}")
     return "\n".join(lines)
+
+
+# `gemmguard selfcheck`'s exit codes; 3 is `gemmguard serve`'s refusal too (launcher).
+EXIT_PASSED, EXIT_NOT_PASSED, EXIT_REFUSED = 0, 1, 3
+
+
+def exit_code(outcome: Outcome) -> int:
+    """3 when the check refuses to serve; 1 when a layer fails, or is unchecked unless
+    --selfcheck-unchecked allow; else 0."""
+    if outcome.refusal:
+        return EXIT_REFUSED
+    allowed = outcome.unchecked_policy == "allow" and not outcome.failing
+    return EXIT_PASSED if outcome.passed or allowed else EXIT_NOT_PASSED
+
+
+def refuse(outcome: Outcome, report_file: str, part: str) -> NoReturn:
+    """Stop start-up: leave the report where `gemmguard serve` finds it (`report_file` + ".rank"
+    + `part`, see launcher.refusal_report) and raise SelfcheckFailed with its summary."""
+    text = summary(outcome)
+    if report_file:
+        Path(f"{report_file}.rank{part}").write_text(json.dumps(outcome.as_dict(), indent=1))
+    raise SelfcheckFailed(f"gemmguard refuses to serve: {outcome.refusal}.\n{text}")

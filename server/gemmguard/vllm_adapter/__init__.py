@@ -242,6 +242,17 @@ async def collective_rpc_every_engine(engine_client: Any, method: str) -> list[l
     return [list(await engine_client.collective_rpc(method))]
 
 
+def load_format(vllm_config: Any = None) -> str:
+    """The loader vLLM used for the model (LoadConfig.load_format: auto, safetensors, gguf,
+    dummy, …); `vllm_config` defaults to the one being loaded."""
+    if vllm_config is None:
+        from vllm.config import get_current_vllm_config_or_none
+
+        vllm_config = get_current_vllm_config_or_none()
+    value = getattr(getattr(vllm_config, "load_config", None), "load_format", None)
+    return str(getattr(value, "value", value) or "unknown")
+
+
 def loader_module() -> Any:
     """The module whose `load_model` calls `process_weights_after_loading` by its global name."""
     return importlib.import_module("vllm.model_executor.model_loader.base_loader")
