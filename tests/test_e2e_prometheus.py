@@ -10,8 +10,8 @@ demo servers as a ServiceMonitor would, with `namespace` and `pod` target labels
               (GemmguardServerRestarted, and the canary failures survive the restart)
     warned    --selfcheck-policy warn; the faulty E8M0 kernel (degraded) chosen after the garbage
               kernel was --deny-kernel'ed
-    unfixed   the bf16 demo with the portable-fp8 fix disabled: this CPU (no AMX) lacks it; loaded by
-              a loader that bypasses the self-check (every layer unseen: an incomplete check)
+    unfixed   the bf16 demo with the portable-fp8 fix disabled: this CPU (no AMX) lacks it;
+              loaded past the self-check (every layer unseen: an incomplete check)
     refused   --selfcheck-policy fail with the garbage kernel (broken): the refusal linger
     fallback  the default policy with the E8M0 kernel: replaced in place
 
