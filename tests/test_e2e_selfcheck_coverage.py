@@ -6,9 +6,10 @@ Real engine starts of the demo checkpoints:
   offline under --selfcheck-unchecked allow (exit 0, still not passed), and served under fail
   (the API server refuses: exit 3 with the report);
 - a checkpoint with a layer whose weights are all zero (reference and output both zero: the
-  `unchecked` verdict of a layer the check saw) and a faulty MoE experts kernel that cannot be
-  swapped in place, checked offline under policy fallback: the refusal prints its JSON report
-  and exits 3, without a traceback of its own.
+  `unchecked` verdict of a layer the check saw) and a faulty MoE experts kernel, checked
+  offline under policy fallback and --selfcheck-unchecked fail: the experts are replaced in
+  place, the unchecked layer refuses, and the refusal prints its JSON report and exits 3,
+  without a traceback of its own.
 """
 
 from __future__ import annotations
@@ -101,18 +102,20 @@ def moe_with_a_zero_layer(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_offline_fallback_refusal_prints_its_report_and_exits_3(
         moe_with_a_zero_layer: Path) -> None:
     result = _gemmguard("selfcheck", str(moe_with_a_zero_layer), "--json", "--policy",
-                        "fallback", *FAST_ENGINE_ARGS, GEMMGUARD_TEST_KERNELS="moe-garbage")
+                        "fallback", "--selfcheck-unchecked", "fail", *FAST_ENGINE_ARGS,
+                        GEMMGUARD_TEST_KERNELS="moe-garbage")
     assert result.returncode == 3, result.stderr[-3000:]
     # gemmguard's own process ends with the report, not a traceback through the CLI; vLLM's
     # worker and engine-core processes still print the refusal's exception as they exit.
     assert "gemmguard/cli.py" not in result.stderr
     report = json.loads(result.stdout)  # stdout holds only the JSON
     assert report["action"] == "refuse" and report["passed"] is False
+    assert "could not be checked (--selfcheck-unchecked fail)" in report["refusal"]
     rows = {row["layer"]: row for rank in report["ranks"] for row in rank["layers"]}
-    moe = [row for row in rows.values() if row["layer_type"] == "moe"]
-    assert moe and all(row["verdict"] == "broken" for row in moe)
-    assert all(row["replacement"]["swappable"] is False for row in moe)
     zeroed = rows[ZEROED]
     assert (zeroed["verdict"], zeroed["reason"], zeroed["seen"]) == (
         "unchecked", "reference is zero", True)
-    assert report["offending_kernels"] and "--deny-kernel" in report["summary"]
+    # The faulty experts were replaced in place before the refusal (policy fallback).
+    moe = [row for row in rows.values() if row["layer_type"] == "moe"]
+    assert moe and all(row["verdict"] == "pass" for row in moe)
+    assert {row["replacement"]["rejected"] for row in moe} == {"GarbageCPUExperts"}

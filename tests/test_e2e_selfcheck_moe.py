@@ -1,15 +1,13 @@
 """End-to-end: the self-check of MoE experts and of a 4-bit checkpoint, on served demo models.
 
 Four engine starts: the Qwen3-MoE bf16 demo as it is, the same with faulty experts under
-`warn` (serves, says degraded) and under the default policy (refuses: MoE experts cannot be
-swapped in place), and the dense W4A8-int8 demo.
+`warn` (serves, says degraded) and under the default policy in compiled mode (the experts are
+replaced in place by vLLM's next oracle choice, and it serves), and the dense W4A8-int8 demo.
 """
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
+import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -17,7 +15,7 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import FAST_ENGINE_ARGS, Server, free_port
+from conftest import FAST_ENGINE_ARGS, Server
 from gemmguard.demo import write_demo_model
 from gemmguard.kernels import faulty_moe
 from gemmguard.selfcheck.measure import DEGRADED_EXCESS_BITS as DEGRADED
@@ -28,6 +26,8 @@ pytestmark = pytest.mark.e2e
 NAME = "moe-demo"
 MOE_LAYERS = ("model.layers.0.mlp.experts.routed_experts",
               "model.layers.1.mlp.experts.routed_experts")
+CORRUPT = "CorruptExpertCPUExperts"
+COMPILED_ENGINE_ARGS = tuple(arg for arg in FAST_ENGINE_ARGS if arg != "--enforce-eager")
 
 
 @pytest.fixture(scope="module")
@@ -138,25 +138,46 @@ def test_faulty_experts_under_warn_serve_degraded_and_say_so(warned: Server) -> 
     _chat(warned)
 
 
-def test_a_corrupted_expert_refuses_start_up_naming_the_expert_and_the_way_out(
-    tmp_path: Path, demo_cache: Path, moe_model: Path
+@pytest.fixture
+def cured(server_factory: Callable[..., Server], moe_model: Path) -> Iterator[Server]:
+    # Default policy (fallback), compiled mode: the corrupting experts are replaced by vLLM's
+    # next oracle choice inside the one engine start, before torch.compile traces the model.
+    server = server_factory(str(moe_model), "--served-model-name", NAME, *COMPILED_ENGINE_ARGS,
+                            env={"GEMMGUARD_TEST_KERNELS": "moe-corrupt-expert"}, fast=False)
+    yield server
+    server.stop()
+
+
+def test_a_corrupted_expert_is_replaced_in_place_and_served_in_compiled_mode(
+    cured: Server, moe_model: Path
 ) -> None:
-    # Default policy (fallback): MoE experts cannot be swapped in place, so start-up refuses.
-    env = {**os.environ, "GEMMGUARD_TEST_KERNELS": "moe-corrupt-expert",
-           "GEMMGUARD_CACHE_DIR": str(demo_cache)}
-    result = subprocess.run(
-        [sys.executable, "-m", "gemmguard.cli", "serve", str(moe_model),
-         "--host", "127.0.0.1", "--port", str(free_port()), *FAST_ENGINE_ARGS],
-        capture_output=True, text=True, timeout=600, env=env,
-    )
-    assert result.returncode == 3, result.stderr[-3000:]
-    err = result.stderr
-    for layer in MOE_LAYERS:
-        assert f"broken   {layer}: CorruptExpertCPUExperts gives" in err
-    # The faulty kernel corrupts each layer's smallest expert; the check names it.
-    for layer in range(len(MOE_LAYERS)):
-        assert f"experts {_smallest_expert(moe_model, layer)} broken" in err
-    assert "--deny-kernel CorruptExpertCPUExperts" in err
+    log = cured.log()
+    assert "enforce_eager=False" in log and "Warming up model for the compilation" in log
+    assert len(set(re.findall(r"EngineCore(?:_DP\d+)? pid=(\d+)", log))) == 1
+    report = cured.get("/gemmguard/v1/selfcheck").json()
+    assert report["passed"] is True and report["complete"] is True
+    replaced = {item["layer"]: item for item in report["replacements"]}
+    assert set(replaced) == set(MOE_LAYERS)
+    for index, layer in enumerate(MOE_LAYERS):
+        item = replaced[layer]
+        assert (item["rejected"], item["rejected_verdict"]) == (CORRUPT, "broken")
+        assert item["kernel"] and item["kernel"] != CORRUPT and item["cost_ratio"] > 0
+        # The faulty kernel corrupts each layer's smallest expert; the report names it.
+        assert [e["expert"] for e in item["rejected_experts"]] == [
+            _smallest_expert(moe_model, index)]
+    moe_rows = _moe_rows(cured)
+    assert {row["verdict"] for row in moe_rows} == {"pass"}
+    assert {row["kernel"] for row in moe_rows} == {item["kernel"] for item in replaced.values()}
+    kernels = cured.get("/gemmguard/v1/kernels").json()["ranks"][0]["layers"]
+    assert CORRUPT not in {row["kernel"] for row in kernels if row["layer_type"] == "moe"}
+    assert _metric(cured, "gemmguard_selfcheck_passed") == 1
+    assert _metric(cured, "gemmguard_selfcheck_rejected_layers", kernel=CORRUPT,
+                   result="broken") == len(MOE_LAYERS)
+    assert _metric(cured, "gemmguard_selfcheck_replacement_cost_ratio", rejected=CORRUPT) > 0
+    assert _metric(cured, "gemmguard_kernel_fallback_total", layer_type="moe",
+                   preferred=CORRUPT, reason="selfcheck") == len(MOE_LAYERS)
+    assert "experts replaced by" in log
+    _chat(cured)
 
 
 @pytest.fixture

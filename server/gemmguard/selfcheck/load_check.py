@@ -9,9 +9,10 @@ torch.compile and CUDA-graph capture), and then acts on the verdict by the polic
 - `warn`: keep the kernel, report it.
 - `fallback`: swap the layer's kernel in place for the fastest candidate of vLLM's own
   chooser that passes (the failing one turned down with reason `selfcheck`), re-running the
-  post-processing from the layer's kept checkpoint tensors. A kernel that cannot be swapped
-  in place (MoE experts, mixed-precision kernels), or a layer for which no candidate passes,
-  refuses start-up: there is no restart, the report names the kernels to deny.
+  post-processing from the layer's kept checkpoint tensors (an unquantized MoE layer: its
+  whole path, chosen again by vLLM's MoE oracle). A kernel that cannot be swapped in place
+  (quantized MoE experts, mixed-precision kernels), or a layer for which no candidate
+  passes, refuses start-up: there is no restart, the report names the kernels to deny.
 - `fail`: refuse start-up with the report.
 
 Refusing raises `SelfcheckFailed` in the loader, so the engine never serves, and leaves the
@@ -31,12 +32,13 @@ import torch
 
 from gemmguard import ledger, vllm_adapter
 from gemmguard.inventory import report
-from gemmguard.inventory.selection import SELFCHECK, SLOWER
+from gemmguard.inventory.selection import SELFCHECK, SLOWER, turned_down
 from gemmguard.kernels.portable_fp8_block import PORTABLE_KERNEL_NAMES
 from gemmguard.selfcheck import measure, recording, replacement, sample, schemes
 from gemmguard.selfcheck.coverage import Coverage, reconcile
 from gemmguard.selfcheck.measure import FAILING, LayerResult
 from gemmguard.vllm_adapter import layer as vllm_layer
+from gemmguard.vllm_adapter import moe as vllm_moe
 
 logger = logging.getLogger("vllm.gemmguard")
 
@@ -178,6 +180,7 @@ class LayerCheck:
                 torch.set_default_dtype(torch.float32)
 
         self.post_process = post_process_as_vllm
+        self.vllm_dtype = saved
         torch.set_default_dtype(torch.float32)
         try:
             self._run()
@@ -196,8 +199,12 @@ class LayerCheck:
         now = self._phase("capture", start)
         policy = self.check.config.policy
         slot = replacement.slot_of(self.module) if self.layer_type != "moe" else None
+        # Fallback keeps the checkpoint tensors of a layer whose path can be rebuilt in place
+        # (an MoE layer's experts: the whole layer, released when the check is done with it).
+        rebuildable = slot is not None if self.layer_type != "moe" else \
+            vllm_moe.is_rebuildable_method(self.module)
         kept = replacement.KeptTensors.of(self.module) \
-            if taken is not None and policy == "fallback" and slot is not None else None
+            if taken is not None and policy == "fallback" and rebuildable else None
         vllm_start = self._phase("keep", now)
         self.post_process(self.module)
         now = time.perf_counter()
@@ -219,9 +226,10 @@ class LayerCheck:
                                            f"check failed: {type(exc).__name__}: {exc}"[:300])
             if self.check.recorder is not None and result.verdict != "unchecked":
                 self.check.recorder.add(self.module, taken, kernel, self.layer_type, result)
-            if result.verdict in FAILING and kept is not None and slot is not None:
+            if result.verdict in FAILING and kept is not None:
                 now = time.perf_counter()
-                result = self._replace(taken, result, slot, kept)
+                result = self._replace(taken, result, slot, kept) if slot is not None else \
+                    self._replace_moe(taken, result, kept)
                 self._phase("replace", now)
             elif result.verdict in FAILING and policy == "fallback":
                 self._unswappable(result)
@@ -242,6 +250,85 @@ class LayerCheck:
                            f"{_kernel_classes(rejected.kernel)[0]}")
         logger.warning("gemmguard: %s: %s %s; %s", self.name, rejected.kernel, rejected.verdict,
                        rejected.reason)
+
+    def _post_process_with(self, method: Any) -> None:
+        """Run a rebuilt quant method's own post-processing of this layer, as vLLM would."""
+        torch.set_default_dtype(self.vllm_dtype)
+        try:
+            vllm_layer.post_process(method)(self.module)
+        finally:
+            torch.set_default_dtype(torch.float32)
+
+    def _install_moe_path(self, reasons: dict[str, str], kept: replacement.KeptTensors,
+                          new_experts: bool = True) -> str | None:
+        """Have vLLM's oracle choose this MoE layer's path again with `reasons` turned down,
+        and build it from the kept checkpoint tensors; the experts' name, or None if none
+        (or, `new_experts`, none other than the experts the layer runs)."""
+        try:
+            with turned_down(reasons):
+                method = vllm_moe.rebuild_method(self.module, new_experts)
+        except Exception as exc:  # the oracle has no candidate left (vLLM raises)
+            logger.debug("gemmguard: %s: no further MoE candidate: %r", self.name, exc)
+            return None
+        if method is None:
+            return None
+        kept.restore(self.module)
+        vllm_moe.install_method(self.module, method)
+        self._post_process_with(method)
+        return str(report.moe_row(self.name, self.module)["kernel"])
+
+    def _replace_moe(self, taken: Any, rejected: LayerResult,
+                     kept: replacement.KeptTensors) -> LayerResult:
+        """Choose the MoE layer's path again (vLLM's oracle, the failing experts turned down),
+        from its kept checkpoint tensors; keep the fastest that passes."""
+        rejected_seconds = replacement.moe_seconds_per_call(self.module, taken)
+        reasons = dict.fromkeys(_kernel_classes(rejected.kernel), SELFCHECK)
+        tried: list[dict[str, Any]] = []
+        passing: list[tuple[float, str]] = []
+        while True:
+            try:
+                name = self._install_moe_path(reasons, kept)
+                if name is None:
+                    break
+                result = self._measure(taken, name)
+                seconds = replacement.moe_seconds_per_call(self.module, taken)
+            except Exception as exc:  # a path that cannot run here is turned down too
+                error = f"{type(exc).__name__}: {exc}"[:200]
+                tried.append({"kernel": "unknown", "verdict": "error", "error": error})
+                break
+            tried.append({"kernel": name, "verdict": result.verdict,
+                          "excess_bits": result.excess_bits, "seconds": round(seconds, 6)})
+            if result.verdict == "pass":
+                passing.append((seconds, name))
+            for part in _kernel_classes(name):
+                reasons.setdefault(part, SELFCHECK if result.verdict != "pass" else SLOWER)
+        info: dict[str, Any] = {"rejected": rejected.kernel, "rejected_verdict": rejected.verdict,
+                                "rejected_excess_bits": rejected.excess_bits,
+                                "rejected_bits": rejected.bits, "candidates": tried,
+                                # which experts the rejected kernel got wrong, for the report
+                                "rejected_experts": [e for e in rejected.experts
+                                                     if e.get("verdict") in FAILING]}
+        if not passing:
+            info["kernel"] = None
+            rejected.replacement = info
+            rejected.reason = ("no MoE experts path vLLM offers here passed the self-check; "
+                               "start again with --deny-kernel "
+                               f"{_kernel_classes(rejected.kernel)[0]} after choosing another "
+                               "(--moe-backend), or --selfcheck-policy warn")
+            return rejected
+        seconds, best = min(passing)
+        final = {part: reason for part, reason in reasons.items()
+                 if part not in _kernel_classes(best)}
+        chosen = self._install_moe_path(final, kept, new_experts=False)
+        assert chosen == best, f"{best} passed but vLLM's oracle now chooses {chosen}"
+        result = self._measure(taken, chosen)
+        info.update(kernel=result.kernel, cost_ratio=round(seconds / rejected_seconds, 4)
+                    if rejected_seconds > 0 else None)
+        result.replacement = info
+        logger.warning("gemmguard: %s: %s %s (excess %s bits); experts replaced by %s "
+                       "(%.2fx its time)", self.name, rejected.kernel, rejected.verdict,
+                       rejected.excess_bits, result.kernel, info["cost_ratio"] or 0.0)
+        return result
 
     def _replace(self, taken: Any, rejected: LayerResult, slot: replacement.KernelSlot,
                  kept: replacement.KeptTensors) -> LayerResult:

