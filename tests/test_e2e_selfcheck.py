@@ -134,6 +134,13 @@ def test_fallback_replaces_in_place_with_one_engine_start_in_compiled_mode(
         assert item["rejected"] == GARBAGE and item["rejected_verdict"] == "broken"
         assert item["kernel"] and item["kernel"] != GARBAGE
         assert item["cost_ratio"] > 0  # measured at load on the layer's shape
+        # The second layer of each shape takes the first one's decision, checked on its own.
+        decided_by = item["candidates"][0].get("decided_by")
+        if item["layer"].startswith("model.layers.1."):
+            assert decided_by == item["layer"].replace("layers.1.", "layers.0.")
+            assert len(item["candidates"]) == 1
+        else:
+            assert decided_by is None
     kernels = fell_back.get("/gemmguard/v1/kernels").json()["ranks"][0]["layers"]
     fp8 = {row["kernel"] for row in kernels if row["scheme"] == "fp8-block"}
     assert fp8 and GARBAGE not in fp8

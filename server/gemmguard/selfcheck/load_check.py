@@ -53,6 +53,16 @@ class CheckConfig:
     seed: int = 0
 
 
+@dataclass(frozen=True)
+class Decision:
+    """The replacement the first layer of a (rejected kernel, scheme, shape) measured and chose."""
+
+    layer: str  # that first layer
+    kernel: str  # the winning kernel
+    reasons: dict[str, str]  # every other candidate turned down: vLLM's chooser then gives it
+    cost_ratio: float | None  # its time over the rejected kernel's on that shape
+
+
 @dataclass
 class RankCheck:
     """This process's check: every GEMM-owning layer's result, in load order."""
@@ -68,9 +78,9 @@ class RankCheck:
     refusal: str = ""
     # The digest of every layer's kernel, put into vLLM's compile cache key (None: not keyed).
     compile_key: str | None = None
-    # (rejected kernel, scheme, shape) → the replacement class that won there, so layers of
-    # the same kernel and shape do not time every candidate again.
-    decisions: dict[tuple[str, str, tuple[int, ...]], str] = field(default_factory=dict)
+    # (rejected kernel, scheme, shape) → the replacement that won there, so layers of the same
+    # kernel and shape take it without measuring and timing every candidate again.
+    decisions: dict[tuple[str, str, tuple[int, ...]], Decision] = field(default_factory=dict)
     # Keeps the kernels' outputs for replay on other machines (GEMMGUARD_RECORD_DIR).
     recorder: recording.Recorder | None = None
     # The GEMM-owning modules of the model, reconciled with the rows (selfcheck.coverage).
@@ -330,16 +340,43 @@ class LayerCheck:
                        rejected.excess_bits, result.kernel, info["cost_ratio"] or 0.0)
         return result
 
+    def _take_decision(self, taken: Any, rejected: LayerResult, slot: replacement.KernelSlot,
+                       kept: replacement.KeptTensors, decided: Decision) -> LayerResult | None:
+        """Install the kernel an earlier layer of the same kernel, scheme and shape chose, and
+        check it on this layer only; None (walk every candidate) if it does not pass here."""
+        chosen = replacement.next_kernel(slot.kernel, decided.reasons)
+        if chosen is None or report.kernel_name(chosen) != decided.kernel:
+            return None
+        replacement.install(self.module, slot, chosen, kept, self.post_process)
+        result = self._measure(taken, decided.kernel)
+        if result.verdict != "pass":
+            return None
+        result.replacement = {
+            "rejected": rejected.kernel, "rejected_verdict": rejected.verdict,
+            "rejected_excess_bits": rejected.excess_bits, "rejected_bits": rejected.bits,
+            "candidates": [{"kernel": decided.kernel, "verdict": result.verdict,
+                            "excess_bits": result.excess_bits, "decided_by": decided.layer}],
+            "kernel": result.kernel, "cost_ratio": decided.cost_ratio}
+        logger.info("gemmguard: %s: %s %s (excess %s bits); replaced by %s, as decided for %s "
+                    "(same kernel, scheme and shape)", self.name, rejected.kernel,
+                    rejected.verdict, rejected.excess_bits, result.kernel, decided.layer)
+        return result
+
     def _replace(self, taken: Any, rejected: LayerResult, slot: replacement.KernelSlot,
                  kept: replacement.KeptTensors) -> LayerResult:
         """Try vLLM's next candidates in place; keep the fastest that passes."""
         k, dtype = taken.weight.shape[1], taken.out_dtype
-        rejected_seconds = replacement.seconds_per_call(self.module, k, dtype)
         weight = vllm_layer.tensor(self.module, "weight")
         key = (rejected.kernel, rejected.scheme, tuple(weight.shape) if weight is not None else ())
+        decided = self.check.decisions.get(key)
+        if decided is not None:
+            reused = self._take_decision(taken, rejected, slot, kept, decided)
+            if reused is not None:
+                return reused
+        rejected_seconds = replacement.seconds_per_call(self.module, k, dtype)
         reasons = dict.fromkeys(_kernel_classes(rejected.kernel), SELFCHECK)
         tried: list[dict[str, Any]] = []
-        winner = self.check.decisions.get(key)
+        winner = decided.kernel if decided is not None else None
         passing: list[tuple[float, str]] = []
         current = slot.kernel
         while True:
@@ -379,7 +416,6 @@ class LayerCheck:
         # kernel is quick at small batches but keeps the weights in bf16, twice the memory).
         own = [(t, n) for t, n in passing if n.split("[")[0] not in PORTABLE_KERNEL_NAMES]
         seconds, best = min(own or passing)
-        self.check.decisions[key] = best
         # Rebuild the winner with every other candidate turned down, so the inventory records
         # why each was not taken.
         final_reasons = {part: reason for part, reason in reasons.items()
@@ -391,6 +427,7 @@ class LayerCheck:
         info.update(kernel=result.kernel, cost_ratio=round(seconds / rejected_seconds, 4)
                     if rejected_seconds > 0 else None)
         result.replacement = info
+        self.check.decisions[key] = Decision(self.name, best, final_reasons, info["cost_ratio"])
         logger.warning("gemmguard: %s: %s %s (excess %s bits); replaced by %s (%.2fx its time)",
                        self.name, rejected.kernel, rejected.verdict, rejected.excess_bits,
                        result.kernel, info["cost_ratio"] or 0.0)
