@@ -165,3 +165,14 @@ def test_cpu_bf16_conversion_follows_the_cpu() -> None:
 
     want = "nearest" if torch.cpu._is_avx512_bf16_supported() else "truncate"
     assert moe.cpu_bf16_conversion() == want
+
+
+@pytest.mark.parametrize(("avx512_bf16", "want"), [(True, "nearest"), (False, "truncate")])
+def test_cpu_bf16_conversion_on_both_sides_of_avx512_bf16(
+        monkeypatch: pytest.MonkeyPatch, avx512_bf16: bool, want: str) -> None:
+    """The check's model of vLLM's CPU experts on either kind of CPU, whichever this one is
+    (the engine itself runs only this CPU's side: issue 23 item 6)."""
+    import torch
+
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    assert moe.cpu_bf16_conversion() == want
