@@ -176,6 +176,10 @@ def test_a_corrupted_expert_is_replaced_in_place_and_served_in_compiled_mode(
     assert _metric(cured, "gemmguard_selfcheck_replacement_cost_ratio", rejected=CORRUPT) > 0
     assert _metric(cured, "gemmguard_kernel_fallback_total", layer_type="moe",
                    preferred=CORRUPT, reason="selfcheck") == len(MOE_LAYERS)
+    # The kernel the layers run is never also counted as turned down for them.
+    fallbacks = [s for f in text_string_to_metric_families(cured.get("/metrics").text)
+                 for s in f.samples if s.name == "gemmguard_kernel_fallback_total"]
+    assert not [s for s in fallbacks if s.labels["preferred"] == s.labels["chosen"]]
     assert "experts replaced by" in log
     _chat(cured)
 

@@ -224,10 +224,7 @@ class Metrics:
         if not count_fallbacks:
             return
         for row in rows:
-            # A candidate an oracle asks once per backend it tries (vLLM's CPU MoE oracle) is
-            # still one turned-down candidate of the layer.
-            attempts = {(a["kernel"], a["reason"]): a for a in row.get("turned_down", ())}
-            for attempt in attempts.values():
+            for attempt in row.get("turned_down", ()):
                 self.kernel_fallback.labels(
                     bounded_label(row["layer_type"]),
                     bounded_label(row["scheme"]),

@@ -92,6 +92,12 @@ def selection_for_moe_config(config: object) -> Selection | None:
     return _BY_MOE_CONFIG.get(id(config))
 
 
+def forget_moe_selection(config: object) -> None:
+    """Start this `FusedMoEConfig`'s record afresh: the self-check asks the oracle again, and
+    what an earlier question (one that found no candidate) recorded is not this choice."""
+    _BY_MOE_CONFIG.pop(id(config), None)
+
+
 @contextmanager
 def turned_down(reasons: dict[str, str]) -> Iterator[None]:
     """Deny these kernel classes (name → reason) while vLLM's chooser runs inside the block.

@@ -32,7 +32,7 @@ import torch
 
 from gemmguard import ledger, vllm_adapter
 from gemmguard.inventory import report
-from gemmguard.inventory.selection import SELFCHECK, SLOWER, turned_down
+from gemmguard.inventory.selection import SELFCHECK, SLOWER, forget_moe_selection, turned_down
 from gemmguard.kernels.portable_fp8_block import PORTABLE_KERNEL_NAMES
 from gemmguard.selfcheck import measure, recording, replacement, sample, schemes
 from gemmguard.selfcheck.coverage import Coverage, reconcile
@@ -86,6 +86,12 @@ class RankCheck:
     # The GEMM-owning modules of the model, reconciled with the rows (selfcheck.coverage).
     coverage: Coverage = field(default_factory=Coverage)
 
+    def start(self, model: torch.nn.Module) -> None:
+        """Begin the check of a newly loaded model (results of an earlier load dropped)."""
+        self.layers.clear()
+        self.seconds, self.sample_bytes, self.phases = 0.0, 0, {}
+        self.model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+
     def as_dict(self, rank: int) -> dict[str, Any]:
         return {"rank": rank, "seconds": round(self.seconds, 4),
                 "phase_seconds": {k: round(v, 4) for k, v in self.phases.items()},
@@ -112,9 +118,7 @@ def rank_check(model: torch.nn.Module | None = None, loader: str = "unknown") ->
     if model is None or getattr(model, CHECKED_MARK, False):
         return _CHECK
     check = _CHECK
-    check.layers.clear()
-    check.seconds, check.sample_bytes, check.phases = 0.0, 0, {}
-    check.model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    check.start(model)
     check.coverage = reconcile(check.layers, model, loader)
     check.refusal = refusal(check)
     object.__setattr__(model, CHECKED_MARK, True)
@@ -134,6 +138,12 @@ def _layer_type(module: Any) -> str | None:
     if moe and isinstance(module, moe):
         return "moe"
     return None
+
+
+def _rejection(rejected: LayerResult) -> dict[str, Any]:
+    """What a replacement record says of the kernel the check rejected."""
+    return {"rejected": rejected.kernel, "rejected_verdict": rejected.verdict,
+            "rejected_excess_bits": rejected.excess_bits, "rejected_bits": rejected.bits}
 
 
 def _kernel_classes(name: str) -> list[str]:
@@ -252,9 +262,7 @@ class LayerCheck:
         There is no restart to fall back on; the refusal's report names the kernel to deny.
         """
         rejected.replacement = {
-            "rejected": rejected.kernel, "rejected_verdict": rejected.verdict,
-            "rejected_excess_bits": rejected.excess_bits, "rejected_bits": rejected.bits,
-            "candidates": [], "kernel": None, "swappable": False}
+            **_rejection(rejected), "candidates": [], "kernel": None, "swappable": False}
         rejected.reason = (f"{rejected.kernel} cannot be swapped in place (a {self.layer_type} "
                            "kernel gemmguard cannot rebuild yet); start again with --deny-kernel "
                            f"{_kernel_classes(rejected.kernel)[0]}")
@@ -274,6 +282,7 @@ class LayerCheck:
         """Have vLLM's oracle choose this MoE layer's path again with `reasons` turned down,
         and build it from the kept checkpoint tensors; the experts' name, or None if none
         (or, `new_experts`, none other than the experts the layer runs)."""
+        forget_moe_selection(vllm_moe.moe_config_of(self.module))
         try:
             with turned_down(reasons):
                 method = vllm_moe.rebuild_method(self.module, new_experts)
@@ -312,9 +321,7 @@ class LayerCheck:
                 passing.append((seconds, name))
             for part in _kernel_classes(name):
                 reasons.setdefault(part, SELFCHECK if result.verdict != "pass" else SLOWER)
-        info: dict[str, Any] = {"rejected": rejected.kernel, "rejected_verdict": rejected.verdict,
-                                "rejected_excess_bits": rejected.excess_bits,
-                                "rejected_bits": rejected.bits, "candidates": tried,
+        info: dict[str, Any] = {**_rejection(rejected), "candidates": tried,
                                 # which experts the rejected kernel got wrong, for the report
                                 "rejected_experts": [e for e in rejected.experts
                                                      if e.get("verdict") in FAILING]}
@@ -351,12 +358,10 @@ class LayerCheck:
         result = self._measure(taken, decided.kernel)
         if result.verdict != "pass":
             return None
-        result.replacement = {
-            "rejected": rejected.kernel, "rejected_verdict": rejected.verdict,
-            "rejected_excess_bits": rejected.excess_bits, "rejected_bits": rejected.bits,
-            "candidates": [{"kernel": decided.kernel, "verdict": result.verdict,
-                            "excess_bits": result.excess_bits, "decided_by": decided.layer}],
-            "kernel": result.kernel, "cost_ratio": decided.cost_ratio}
+        taken_over = {"kernel": decided.kernel, "verdict": result.verdict,
+                      "excess_bits": result.excess_bits, "decided_by": decided.layer}
+        result.replacement = {**_rejection(rejected), "candidates": [taken_over],
+                              "kernel": result.kernel, "cost_ratio": decided.cost_ratio}
         logger.info("gemmguard: %s: %s %s (excess %s bits); replaced by %s, as decided for %s "
                     "(same kernel, scheme and shape)", self.name, rejected.kernel,
                     rejected.verdict, rejected.excess_bits, result.kernel, decided.layer)
@@ -404,9 +409,7 @@ class LayerCheck:
             for part in _kernel_classes(name):
                 reasons.setdefault(part, SELFCHECK if result.verdict != "pass" else SLOWER)
             current = candidate
-        info: dict[str, Any] = {"rejected": rejected.kernel, "rejected_verdict": rejected.verdict,
-                                "rejected_excess_bits": rejected.excess_bits,
-                                "rejected_bits": rejected.bits, "candidates": tried}
+        info: dict[str, Any] = {**_rejection(rejected), "candidates": tried}
         if not passing:
             info["kernel"] = None
             rejected.replacement = info
@@ -584,9 +587,7 @@ def install(config: CheckConfig) -> None:
     @functools.wraps(original)
     def process_weights_after_loading(model: Any, *args: Any, **kwargs: Any) -> Any:
         check = _CHECK
-        check.layers.clear()
-        check.seconds, check.sample_bytes, check.phases = 0.0, 0, {}
-        check.model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        check.start(model)
         check.recorder = recording.recorder_from_env(_origin)
         _wrap_model(check, model)
         try:
