@@ -3,10 +3,11 @@
     python -m benchmarks --out docs/bench-cpu              # what `make bench` runs
     python -m benchmarks --out /tmp/b --rounds 1 --skip-kernels   # a quick look
 
-One checkpoint (the bf16 demo model, which plain vLLM loads too), three servers: plain vLLM and
-gemmguard up together, the one not being measured frozen, `vllm bench serve` against each in
-ABBA order; then gemmguard is stopped and a second plain server (`plain-b`) takes its place for
-the A/A rounds. Each round uses its own random-prompt seed, so no server sees a prompt twice.
+One checkpoint (the bf16 demo model, which plain vLLM loads too), three servers up together:
+plain vLLM, gemmguard and a second plain server (`plain-b`, for the A/A ratio). Only the one being
+measured runs; the others are frozen. `vllm bench serve` runs against each in rotating order
+(every arm goes first, second and third in turn), the method scripts/gpu-bench.sh uses on one
+GPU. Each round uses its own random-prompt seed, so no server sees a prompt twice.
 Beside vLLM's result JSONs it records what only gemmguard has: the start-up split (launch →
 /health → /gemmguard/ready), the self-check's share of it, memory, canaries sent under load and
 their latency, and the portable FP8 kernels' speed (`benchmarks.kernels`).
@@ -59,10 +60,10 @@ def _canaries(server: Server) -> tuple[int, float, float]:
     return sent, count, total
 
 
-def run_pair(numbers: range, servers: dict[str, Server], model: Path, args: argparse.Namespace,
+def run_arms(numbers: range, servers: dict[str, Server], model: Path, args: argparse.Namespace,
              results: Path, log: Callable[[str], None]) -> int:
-    """ABBA rounds, each server thawed only for its own runs; returns the canaries gemmguard
-    sent while it was measured."""
+    """Rounds in rotating order, each server thawed only for its own runs; returns the canaries
+    gemmguard sent while it was measured."""
     canaries = [0]
 
     def before(arm: str) -> None:
@@ -117,17 +118,13 @@ def run(args: argparse.Namespace, work: Path, log: Callable[[str], None]) -> dic
             "duration_s": selfcheck.get("duration_seconds"),
             "share_of_ready": (selfcheck.get("duration_seconds") or 0) / gemmguard.ready_s,
             "sample_fraction": selfcheck.get("sample_fraction")}
-        ab = range(1, args.rounds + 1)
-        own["canaries_sent_while_measured"] = run_pair(ab, dict(servers), model, args, results,
-                                                       log)
+        launch("plain-b")
+        own["canaries_sent_while_measured"] = run_arms(
+            range(1, args.rounds + 1), dict(servers), model, args, results, log)
         gemmguard.freeze(False)
         _, count, total = _canaries(gemmguard)
         own["canary_latency_mean_s"] = total / count if count else None
         own["memory_mib"] = {arm: s.memory_mib() for arm, s in servers.items()}
-        servers.pop("gemmguard").stop()
-        launch("plain-b")
-        # New round numbers, so plain is sent prompts it has not seen.
-        run_pair(range(ab.stop, ab.stop + args.rounds), dict(servers), model, args, results, log)
     finally:
         for server in servers.values():
             server.stop()
@@ -172,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Folder for results/ (vLLM's JSONs and startup.jsonl), gemmguard.json "
                    "and summary.md. Default: benchmark-results.")
     p.add_argument("--rounds", type=int, default=3,
-                   help="Rounds per pair and load (each arm once per round). Default: 3.")
+                   help="Rounds per load (each arm once per round). Default: 3.")
     p.add_argument("--load", type=rounds.Load.parse, action="append", default=None,
                    metavar="NAME:IN:OUT:CONCURRENCY:PROMPTS",
                    help=f"A load for `vllm bench serve` (repeatable). Default: {DEFAULT_LOAD}.")

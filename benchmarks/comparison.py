@@ -3,9 +3,11 @@
 Every result is vLLM's own JSON (`vllm bench serve --save-result`), tagged by benchmarks.rounds
 with `--metadata ab_arm=ARM ab_load=LOAD ab_round=N`. Arms: `plain` (vLLM, no gemmguard plugin),
 `gemmguard`, and `plain-b`, a second plain server: plain-b/plain is what no difference at all
-looks like on that machine (A/A). A round's ratio is ARM/plain on the same load in the same round;
-a row shows the median over rounds and the lowest and highest. Start-up times come from
-`startup.jsonl` (one JSON object per server start, written by the drivers) when it is there.
+looks like on that machine (A/A). A round's A/B ratio is gemmguard over the mean of the plain
+servers that ran that round (plain and plain-b when both did, so each side of the A/A weighs the
+same), on the same load; a row shows the median over rounds and the lowest and highest.
+Start-up times come from `startup.jsonl` (one JSON object per server start, written by the
+drivers) when it is there.
 
     python -m benchmarks.comparison RESULTS_DIR          # prints the Markdown summary
 """
@@ -99,9 +101,18 @@ def _usable(arms: dict[str, Run], arm: str) -> bool:
     return all(a in arms and arms[a].complete for a in (arm, "plain"))
 
 
+def _reference(arms: dict[str, Run], arm: str, field: str) -> float:
+    """What ARM is compared with: plain, or for gemmguard the mean of every plain server."""
+    plains = ["plain"]
+    if arm == "gemmguard" and "plain-b" in arms and arms["plain-b"].complete:
+        plains.append("plain-b")
+    return statistics.mean(float(arms[p].result[field]) for p in plains)
+
+
 def round_ratios(runs: list[Run], load: str, arm: str, field: str) -> list[float]:
-    """ARM/plain of `field` in every round of `load` where both answered every request."""
-    return [float(arms[arm].result[field]) / float(arms["plain"].result[field])
+    """ARM over its reference (`_reference`) of `field` in every round of `load` where both
+    answered every request."""
+    return [float(arms[arm].result[field]) / _reference(arms, arm, field)
             for arms in rounds_of(runs, load).values() if _usable(arms, arm)]
 
 
@@ -166,8 +177,9 @@ def markdown(folder: Path) -> str:
     runs = load_runs(folder)
     lines = [
         f"Model `{runs[0].result.get('model_id')}`, {len(runs)} `vllm bench serve` runs. Ratios "
-        "per round, gemmguard/plain (A/B) and plain-b/plain (A/A, two plain servers): median "
-        "(lowest–highest). For tok/s higher is better, for TPOT and TTFT lower.",
+        "per round, gemmguard over the mean of the plain servers of that round (A/B) and "
+        "plain-b/plain (A/A, two plain servers): median (lowest–highest). For tok/s higher "
+        "is better, for TPOT and TTFT lower.",
         "",
         "| load | metric | gemmguard/plain | A/A plain-b/plain | rounds (A/B, A/A) |",
         "|---|---|---|---|---|",

@@ -1,8 +1,9 @@
 """Rounds of `vllm bench serve`, arms in alternating order, in one process, tagged by arm.
 
-Round r runs every arm once on the same prompts (random dataset, seed r), in the given order when
-r is odd and reversed when it is even (ABBA), so no arm always goes first. Number the rounds so
-that no server gets the same round twice: then no server sees a prompt twice. vLLM is imported
+Round r runs every arm once on the same prompts (random dataset, seed r), the given order rotated
+by r (`order`): with three arms plain, gemmguard, plain-b every arm goes first, second and third
+in turn; with two it alternates (ABBA). Number the rounds so that no server gets the same round
+twice: then no server sees a prompt twice. vLLM is imported
 once and `vllm bench serve` runs in this process: a fresh `vllm` process spends 5-40 s importing
 before each run. Used by `make bench` (benchmarks.cli) and by scripts/gpu-bench.sh:
 
@@ -83,6 +84,12 @@ def _printout(results: Path) -> TextIO:
     return _PRINTOUTS[path]
 
 
+def order(names: Sequence[str], round_: int) -> list[str]:
+    """The arms of round `round_`, rotated so that round 1 runs the given order."""
+    shift = (round_ - 1) % len(names)
+    return [*names[shift:], *names[:shift]]
+
+
 def run_rounds(arms: dict[str, str], loads: Sequence[Load], rounds: Sequence[int],
                served_name: str, tokenizer: str, results: Path, extra: Sequence[str] = (),
                before: Callable[[str], None] | None = None,
@@ -96,7 +103,7 @@ def run_rounds(arms: dict[str, str], loads: Sequence[Load], rounds: Sequence[int
     longest = 0.0
     for load in loads:
         for round_ in rounds:
-            for arm in names if round_ % 2 else names[::-1]:
+            for arm in order(names, round_):
                 if deadline is not None and time.time() + longest > deadline:
                     log(f"[rounds] deadline: {load.name} round {round_} {arm} not run")
                     return done
@@ -119,7 +126,7 @@ def run_rounds(arms: dict[str, str], loads: Sequence[Load], rounds: Sequence[int
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.rounds", description=(
-        "Run ABBA rounds of `vllm bench serve` against named servers, tagged for "
+        "Run rounds of `vllm bench serve` against named servers, in rotating order, tagged for "
         "benchmarks.comparison."))
     p.add_argument("--results", type=Path, required=True, help="Folder for vLLM's result JSONs.")
     p.add_argument("--tokenizer", required=True, help="Tokenizer folder (the checkpoint).")

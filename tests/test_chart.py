@@ -376,7 +376,7 @@ def _vllm_parse(argv: list[str]) -> Any:
 
 def test_gemmguard_settings_reach_the_processes_of_every_node() -> None:
     from conftest import free_port
-    from gemmguard.launcher import plan_serve
+    from gemmguard.serve_plan import plan_serve
 
     manifests = render(
         *_value_files("multinode-values.yaml"),

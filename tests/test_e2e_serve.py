@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Callable
 
 import openai
@@ -72,6 +73,17 @@ def test_completion_is_deterministic_when_greedy(client: openai.OpenAI) -> None:
 
 def test_health(server: Server) -> None:
     assert server.get("/health").status_code == 200
+
+
+def test_the_supervisor_tells_the_user_where_the_server_it_started_answers(
+        server: Server) -> None:
+    # The supervisor reads no vLLM option: the URL comes from the server process's plan.
+    line = f"gemmguard: serving '{MODEL}' at {server.base_url}. Try:"
+    deadline = time.monotonic() + 10  # printed within a poll (1 s) of /gemmguard/ready
+    while line not in server.log() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert line in server.log()
+    assert f"curl -s {server.base_url}/v1/chat/completions" in server.log()
 
 
 def test_build_route_reports_every_rank(server: Server) -> None:

@@ -174,7 +174,7 @@ def test_no_linger_serves_nothing() -> None:
 
 def test_serve_option_sets_the_linger_and_rejects_a_negative_one() -> None:
     from gemmguard.errors import ConfigError
-    from gemmguard.launcher import plan_serve
+    from gemmguard.serve_plan import plan_serve
 
     port = str(free_port())
     plan = plan_serve(["--selfcheck-refusal-linger", "600", "--port", port], environ={})

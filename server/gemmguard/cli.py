@@ -105,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
         "(e.g. --port, --max-model-len, --tensor-parallel-size).",
         usage="gemmguard serve [MODEL] [gemmguard options] [vLLM options]",
     )
-    from gemmguard.launcher import add_deny_option, add_serve_options
+    from gemmguard.serve_plan import add_deny_option, add_serve_options
 
     add_serve_options(serve)
     serve.set_defaults(handler=_serve)
@@ -199,15 +199,16 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run one gemmguard command; errors end with one clear line and a non-zero exit."""
     argv = sys.argv[1:] if argv is None else argv
-    parser = build_parser()
     if argv[:1] == ["serve"] and not {"-h", "--help"} & set(argv):
-        # vLLM's options are not known here; `serve` takes everything after the verb.
+        # vLLM's options are not known here; `serve` takes everything after the verb, and
+        # builds no parser: the parsers' imports (torch, for the demo's choices) would delay
+        # the server's start.
         args = argparse.Namespace(handler=_serve, serve_args=argv[1:])
     elif argv[:1] in (["kernels"], ["selfcheck"]):
-        args, vllm_args = parser.parse_known_args(argv)
+        args, vllm_args = build_parser().parse_known_args(argv)
         args.vllm_args = vllm_args
     else:
-        args = parser.parse_args(argv)
+        args = build_parser().parse_args(argv)
     try:
         return int(args.handler(args))
     except GemmguardError as exc:

@@ -10,13 +10,13 @@ import os
 from typing import Any
 
 from gemmguard import vllm_adapter
-from gemmguard.launcher import _check_model, engine_env
+from gemmguard.serve_plan import check_model, engine_env
 from gemmguard.worker import EXTENSION_CLS
 
 
 def start_engine(model: str, vllm_argv: list[str], deny_kernels: list[str]) -> Any:
     """A vLLM engine for `model` with gemmguard's plugins; vLLM options as on `serve`."""
-    _check_model(model)
+    check_model(model)
     # Engine processes inherit this environment: plugins and settings must be set first.
     os.environ.update(engine_env(dict(os.environ), deny_kernels))
     # vLLM logs to stdout by default; keep stdout for the table or JSON this command prints.

@@ -135,15 +135,32 @@ def verdict(bits: float, excess: float, worst_block_error: float,
     return "pass"
 
 
-def _block_sums(y: torch.Tensor, ref: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """Per 128-row block: [sum of squared error, sum of squared reference] (non-finite → inf)."""
-    blocks = rows.to(y.device).div(ROW_BLOCK, rounding_mode="floor")
-    n_blocks = int(blocks.max()) + 1
-    diff = torch.nan_to_num((y - ref).pow(2).sum(dim=0), nan=math.inf)
+# The head of `figures`: what one token count's output is judged on, before the block sums.
+_Y_FINITE, _EXACT_FINITE, _EXACT_NORM, _Y_ABSMAX, _ERR, _IDEAL_ERR, _REF = range(7)
+_HEAD = 7
+
+
+def figures(y: torch.Tensor, exact: torch.Tensor, ideal: torch.Tensor,
+            rows: torch.Tensor) -> torch.Tensor:
+    """One token count's figures as one float64 vector, computed where `y` lies.
+
+    The head (`_Y_FINITE` … `_REF`), then per 128-row block the sum of squared error and of
+    squared reference (non-finite error → inf). Read back to the host once for every token
+    count of a layer (`_compare`): each `.item()` would be a device sync of its own.
+    """
+    blocks = rows.div(ROW_BLOCK, rounding_mode="floor")
+    n_blocks = int(blocks.max()) + 1  # `rows` lives on the host: no sync
+    blocks = blocks.to(y.device)
+    head = torch.stack([t.double() for t in (
+        torch.isfinite(y).all(), torch.isfinite(exact).all(), exact.norm(),
+        y.abs().max() if y.numel() else y.new_zeros(()),
+        (y - exact).pow(2).sum(), (ideal - exact).pow(2).sum(), exact.pow(2).sum(),
+    )])
+    diff = torch.nan_to_num((y - exact).pow(2).sum(dim=0), nan=math.inf)
     sums = torch.zeros(2, n_blocks, dtype=torch.float64, device=y.device)
     sums[0].index_add_(0, blocks, diff.double())
-    sums[1].index_add_(0, blocks, ref.pow(2).sum(dim=0).double())
-    return sums.cpu()
+    sums[1].index_add_(0, blocks, exact.pow(2).sum(dim=0).double())
+    return torch.cat([head, sums.flatten()])
 
 
 def device_of(module: Any) -> torch.device:
@@ -170,22 +187,26 @@ class _Worst:
 
     def add(self, y: torch.Tensor, exact: torch.Tensor, ideal: torch.Tensor,
             rows: torch.Tensor, tokens: int) -> None:
+        self.add_figures(figures(y, exact, ideal, rows).cpu(), y.numel(), tokens)
+
+    def add_figures(self, figs: torch.Tensor, values: int, tokens: int) -> None:
+        """One token count's `figures` (on the host), of an output of `values` values."""
         # The kernel's output is judged first: inf/NaN is broken whatever the reference is.
-        if not torch.isfinite(y).all():
+        if not figs[_Y_FINITE]:
             self.non_finite_tokens = self.non_finite_tokens or tokens
             return
-        undefined = ("not finite" if not torch.isfinite(exact).all()
-                     else "zero" if exact.norm().item() == 0 else None)
+        undefined = ("not finite" if not figs[_EXACT_FINITE]
+                     else "zero" if float(figs[_EXACT_NORM]) == 0 else None)
         if undefined is not None:
-            if y.abs().max().item() > 0:
+            if float(figs[_Y_ABSMAX]) > 0:
                 self.undefined = UNDEFINED_BY_CHECKPOINT.format(what=undefined)
                 return
             raise NoReference(NON_FINITE_REFERENCE if undefined == "not finite"
                               else "reference is zero")
-        sums = _block_sums(y, exact, rows)
+        sums = figs[_HEAD:].view(2, -1)
         self.block_sums = sums if self.block_sums is None else self.block_sums + sums
-        self.counts.append((float((y - exact).pow(2).sum()), float((ideal - exact).pow(2).sum()),
-                            float(exact.pow(2).sum()), y.numel(), tokens))
+        self.counts.append((float(figs[_ERR]), float(figs[_IDEAL_ERR]), float(figs[_REF]),
+                            values, tokens))
 
     def _groups(self) -> list[tuple[float, float, float, int, int]]:
         groups: list[list[float]] = []
@@ -300,8 +321,11 @@ def _compare(worst: _Worst, sample: LinearSample, xs: list[torch.Tensor],
             raise
         xs, ys = [x.cpu() for x in xs], [y.cpu() for y in ys]
         pairs = [(reference.exact(sample, x), reference.ideal(sample, x)) for x in xs]
-    for x, y, (exact, ideal) in zip(xs, ys, pairs, strict=True):
-        worst.add(y, exact, ideal, sample.rows, x.shape[0])
+    # Every token count's figures come back to the host together: one device sync per layer.
+    figs = torch.stack([figures(y, exact, ideal, sample.rows)
+                        for y, (exact, ideal) in zip(ys, pairs, strict=True)]).cpu()
+    for x, y, row in zip(xs, ys, figs, strict=True):
+        worst.add_figures(row, y.numel(), x.shape[0])
 
 
 def routing(sample: MoeSample, tokens: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
