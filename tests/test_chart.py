@@ -544,10 +544,10 @@ def test_notes_print_port_forward_and_curl(tmp_path: Path) -> None:
     assert "curl http://127.0.0.1:8000/v1/models" in notes
 
 
-@pytest.mark.parametrize("case", PROFILES + SCENARIOS)
+@pytest.mark.parametrize("case", ["values.yaml", *PROFILES, *SCENARIOS])
 def test_pods_request_cpu_and_memory(case: str) -> None:
     # A pod without requests is BestEffort: the first the kubelet evicts under memory pressure.
-    manifests = render(*_value_files(case))
+    manifests = render(*([] if case == "values.yaml" else _value_files(case)))
     specs = _server_pods(manifests) + [
         s for m in manifests if m["kind"] == "LeaderWorkerSet"
         for s in [m["spec"]["leaderWorkerTemplate"]["workerTemplate"]["spec"]]

@@ -96,6 +96,22 @@ def test_report_names_the_failing_experts_of_an_moe_layer() -> None:
     assert "6 pass" not in text
 
 
+def test_a_replaced_moe_layer_names_the_experts_that_failed_its_kernel() -> None:
+    # The pooled excess of a layer one expert broke can read 0.0: the experts are the reason.
+    rank = _rank("pass", "pass")
+    rank["layers"][1].update(layer_type="moe", kernel="CPUExperts", replacement={
+        "rejected": "FaultyExperts", "rejected_verdict": "broken", "rejected_excess_bits": 0.0,
+        "kernel": "CPUExperts", "cost_ratio": 1.1,
+        "rejected_experts": [{"expert": 3, "verdict": "broken", "excess_bits": 6.2}]})
+    rank["layers"][0]["replacement"] = {
+        "rejected": "Bad", "rejected_verdict": "degraded", "rejected_excess_bits": 0.5,
+        "kernel": "Good", "cost_ratio": 1.2, "rejected_experts": []}
+    text = summary(Outcome("fallback", [rank]))
+    assert ("replaced l1: FaultyExperts (broken: experts 3 broken (excess 6.2 bits)) → "
+            "CPUExperts (1.1x its time)") in text
+    assert "replaced l0: Bad (degraded, excess 0.5 bits) → Good (1.2x its time)" in text
+
+
 def test_offline_exit_code_follows_the_unchecked_policy() -> None:
     from gemmguard.selfcheck.policy import exit_code
 

@@ -342,9 +342,11 @@ class LayerCheck:
         info.update(kernel=result.kernel, cost_ratio=round(seconds / rejected_seconds, 4)
                     if rejected_seconds > 0 else None)
         result.replacement = info
-        logger.warning("gemmguard: %s: %s %s (excess %s bits); experts replaced by %s "
+        failed = ", ".join(f"{e['expert']} {e['verdict']}" for e in info["rejected_experts"])
+        logger.warning("gemmguard: %s: %s %s (excess %s bits%s); experts replaced by %s "
                        "(%.2fx its time)", self.name, rejected.kernel, rejected.verdict,
-                       rejected.excess_bits, result.kernel, info["cost_ratio"] or 0.0)
+                       rejected.excess_bits, f"; experts {failed}" if failed else "",
+                       result.kernel, info["cost_ratio"] or 0.0)
         return result
 
     def _take_decision(self, taken: Any, rejected: LayerResult, slot: replacement.KernelSlot,

@@ -142,6 +142,18 @@ def _bits(value: Any) -> str:
     return "non-finite" if value is None else f"{value}"
 
 
+def _rejected(item: Mapping[str, Any]) -> str:
+    """What was wrong with a replaced kernel: its verdict and excess, or, where its pooled
+    excess is fine and experts failed it (an MoE layer), those experts."""
+    experts = item.get("rejected_experts") or ()
+    if experts:
+        return f"{item['rejected_verdict']}: experts " + ", ".join(
+            f"{e['expert']} {e['verdict']}"
+            + ("" if e.get("excess_bits") is None else f" (excess {e['excess_bits']} bits)")
+            for e in experts)
+    return f"{item['rejected_verdict']}, excess {_bits(item['rejected_excess_bits'])} bits"
+
+
 def summary(outcome: Outcome) -> str:
     """A one-screen report: failing, replaced and unchecked layers, and what to do."""
     counts = outcome.counts()
@@ -174,8 +186,7 @@ def summary(outcome: Outcome) -> str:
     for item in outcome.replacements():
         if item.get("kernel"):
             lines.append(f"  replaced {item['layer']}: {item['rejected']} "
-                         f"({item['rejected_verdict']}, excess "
-                         f"{_bits(item['rejected_excess_bits'])} bits) → {item['kernel']} "
+                         f"({_rejected(item)}) → {item['kernel']} "
                          f"({item['cost_ratio']}x its time)")
     unchecked = [layer for layer in outcome.layers if layer["verdict"] == "unchecked"]
     for layer in unchecked[:10]:
