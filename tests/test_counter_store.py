@@ -8,7 +8,7 @@ from pathlib import Path
 
 from prometheus_client import CollectorRegistry
 
-from gemmguard.counter_store import TOTALS_FILE, CounterStore
+from gemmguard.counter_store import TOTALS_FILE, CounterStore, count_start
 from gemmguard.metrics import CANARY_REASONS, Metrics
 
 HOLD_CLAIM = """
@@ -30,6 +30,7 @@ def _restart(state: Path, previous: Metrics | None) -> tuple[Metrics, CollectorR
         for counter in (previous.canary_failures, previous.server_restarts):
             if counter.store is not None:
                 counter.store.release()
+    count_start(state)  # the server process does, before vLLM starts
     registry = CollectorRegistry()
     return Metrics(registry, state_dir=state), registry
 
@@ -59,6 +60,13 @@ def test_canary_failures_and_restarts_survive_a_restart(tmp_path: Path) -> None:
     metrics, registry = _restart(tmp_path, metrics)
     assert _value(registry, "gemmguard_canary_failures_total", reason="timeout") == 3
     assert _value(registry, "gemmguard_server_restarts_total") == 2
+
+
+def test_a_start_that_crashed_while_loading_counts_the_next_start_as_a_restart(
+        tmp_path: Path) -> None:
+    count_start(tmp_path)  # this start never reached its API server: the engine died loading
+    _, registry = _restart(tmp_path, None)
+    assert _value(registry, "gemmguard_server_restarts_total") == 1
 
 
 def test_without_a_state_dir_nothing_is_kept(tmp_path: Path) -> None:

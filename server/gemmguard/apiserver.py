@@ -20,6 +20,7 @@ from typing import NoReturn
 
 from gemmguard import vllm_adapter
 from gemmguard.config import settings
+from gemmguard.counter_store import count_start
 from gemmguard.errors import GemmguardError
 from gemmguard.vllm_adapter.serve_args import serve_parser
 
@@ -52,6 +53,9 @@ def _plan(argv: list[str]) -> list[str]:
     plan = plan_serve(argv)
     # vLLM's processes (engine core, workers) inherit this environment: plugins, settings.
     os.environ.update(plan.env)
+    state_dir = settings(plan.env).state_dir
+    if state_dir is not None:  # before vLLM: a start that crashes while loading counts too
+        count_start(state_dir)
     for note in plan.notes:
         print(f"gemmguard: {note}", flush=True)
     if plan.demo_scheme is not None:

@@ -33,6 +33,9 @@ CLAIM_FILE = "claim.lock"
 WRITE_LOCK_FILE = "counters.lock"
 
 Labels = tuple[str, ...]
+# Starts of the server with this directory, counted by the server process before vLLM starts
+# (`count_start`), so that a start that crashes while loading counts too.
+STARTS = "starts"
 
 
 class CounterStore:
@@ -104,6 +107,11 @@ class CounterStore:
                            "start from 0. Delete the file if this repeats.", path, exc)
             return {}
         return data if isinstance(data, dict) else {}
+
+
+def count_start(directory: Path) -> float:
+    """Count one start of the server with `directory`; returns the starts counted so far."""
+    return CounterStore(directory).add(STARTS, (), 1)
 
 
 class PersistedCounter:

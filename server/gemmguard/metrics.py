@@ -19,7 +19,7 @@ from typing import Any
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 
 from gemmguard.config import settings
-from gemmguard.counter_store import CounterStore, PersistedCounter
+from gemmguard.counter_store import STARTS, CounterStore, PersistedCounter
 
 BUILD_LABELS = ("version", "vllm_version", "torch_version", "platform", "device")
 BUILD_INFO_HELP = "gemmguard, vLLM and torch versions, platform and device (always 1)."
@@ -188,7 +188,9 @@ class Metrics:
         if store is not None and store.claim():
             self.canary_failures.restore()
             self.server_restarts.restore()
-            if store.add("starts", (), 1) > 1:
+            # The server process counted this start before vLLM began (`count_start`), and
+            # so every earlier one, those that crashed while loading included.
+            if store.totals(STARTS).get((), 0.0) > 1:
                 self.server_restarts.inc()
 
     def publish_fixes(self, report: Iterable[Mapping[str, str]]) -> None:
