@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -39,11 +40,18 @@ def test_kernels_json_names_every_layer_and_vllms_turned_down_candidates(model: 
         assert all(attempt["reason"] for attempt in row["turned_down"])
 
 
-def test_selfcheck_exits_1_and_reports_a_broken_kernel(model: Path) -> None:
+def test_selfcheck_exits_1_and_the_advice_it_prints_cures_the_model(model: Path) -> None:
     result = _gemmguard("selfcheck", str(model), *ENGINE, GEMMGUARD_TEST_KERNELS="garbage")
     assert result.returncode == 1, result.stderr[-3000:]
     assert "0 degraded, 8 broken" in result.stdout
     assert "--deny-kernel GarbageFp8BlockKernel" in result.stdout
+    # Follow the advice as a user would: the options after "gemmguard serve …", as printed.
+    (advice,) = re.findall(r"Avoid these kernels with: gemmguard serve … (.+)", result.stdout)
+    cured = _gemmguard("selfcheck", str(model), *ENGINE, *advice.split(),
+                       GEMMGUARD_TEST_KERNELS="garbage")
+    assert cured.returncode == 0, cured.stdout[-3000:] + cured.stderr[-3000:]
+    (passed,) = re.findall(r"(\d+) passed, 0 degraded, 8 broken", result.stdout)
+    assert f"{int(passed) + 8} passed, 0 degraded, 0 broken, 0 unchecked" in cured.stdout
 
 
 def test_selfcheck_records_exactly_what_the_check_measured(model: Path, tmp_path: Path) -> None:
