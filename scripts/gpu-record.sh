@@ -78,7 +78,7 @@ dense-bf16|dense-bf16|warn||
 dense-w8a16-machete|dense-w8a16-g128|fallback||
 dense-w8a16-marlin|dense-w8a16-g128|fallback|VLLM_DISABLED_KERNELS=MacheteLinearKernel|
 dense-mxfp4-marlin|dense-mxfp4a16|fallback||
-dense-fp8block-marlin|dense-fp8-block|warn|VLLM_TEST_FORCE_FP8_MARLIN=1|
+dense-fp8block-marlin|dense-fp8-block|warn|VLLM_DISABLED_KERNELS=FlashInferFp8DeepGEMMDynamicBlockScaledKernel,DeepGemmFp8BlockScaledMMKernel,CutlassFp8BlockScaledMMKernel,B12xFp8BlockScaledMMKernel|
 moe-fp8block-default|moe-fp8-block|warn||
 moe-fp8block-triton|moe-fp8-block|warn|VLLM_USE_DEEP_GEMM=0|
 moe-fp8block-deepgemm|moe-fp8-block|warn|VLLM_USE_DEEP_GEMM=1 VLLM_MOE_USE_DEEP_GEMM=1|
