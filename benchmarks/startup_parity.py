@@ -158,8 +158,9 @@ def main(argv: list[str] | None = None) -> int:
                                       Path(tmp) / f"r{number}-{arm}")}
                 starts.append(record)
                 print(f"[startup-parity] {json.dumps(record)}", file=sys.stderr, flush=True)
-    summary = {field: {k: None if v is None else vars(v) for k, v in ratios(starts, field).items()}
-               for field in TIMES}
+    spreads = {field: ratios(starts, field) for field in TIMES}
+    summary = {field: {k: None if v is None else vars(v) for k, v in by_arm.items()}
+               for field, by_arm in spreads.items()}
     result = {"command": "python -m benchmarks.startup_parity "
                          + " ".join(sys.argv[1:] if argv is None else argv),
               "engine_args": engine_args, "env": args.env, "rounds": args.rounds,
@@ -167,11 +168,10 @@ def main(argv: list[str] | None = None) -> int:
               "starts": starts}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
-    for field in TIMES:
-        spreads = ratios(starts, field)
+    for field, by_arm in spreads.items():
         print(f"launch → {field[:-2].replace('_', ' ')}: gemmguard/plain "
               + "; A/A plain-a/plain-b ".join(
-                  "–" if s is None else s.text() for s in spreads.values())
+                  "–" if s is None else s.text() for s in by_arm.values())
               + f"  (median, range over {args.rounds} rounds)")
     return 0
 

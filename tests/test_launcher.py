@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
-from conftest import free_port
+from conftest import busy_port, free_port
 from gemmguard.demo import write_demo_model
 
 
@@ -31,10 +30,7 @@ def test_cli_wrong_model_path_ends_with_one_line(tmp_path: Path) -> None:
 
 
 def test_cli_port_in_use_ends_with_one_line(tmp_path: Path) -> None:
-    with socket.socket() as busy:
-        busy.bind(("127.0.0.1", 0))
-        busy.listen()
-        port = busy.getsockname()[1]
+    with busy_port() as port:
         result = _serve(["--host", "127.0.0.1", "--port", str(port)], tmp_path)
     assert result.returncode == 2
     assert result.stderr.strip().endswith("pass --port with a free port.")
@@ -55,12 +51,10 @@ def test_cli_unsupported_option_ends_with_one_line(tmp_path: Path) -> None:
 def test_the_supervisor_imports_neither_vllm_nor_torch(tmp_path: Path) -> None:
     # The server process reads vLLM's options and refuses the busy port; the supervisor
     # only passes its exit code on. Importing vLLM here too cost every start ~20 s.
-    with socket.socket() as busy:
-        busy.bind(("127.0.0.1", 0))
-        busy.listen()
+    with busy_port() as port:
         probe = (
             "import sys; from gemmguard.cli import main; "
-            f"code = main(['serve', '--host', '127.0.0.1', '--port', '{busy.getsockname()[1]}']); "
+            f"code = main(['serve', '--host', '127.0.0.1', '--port', '{port}']); "
             "print(code, sorted(m for m in ('vllm', 'torch') if m in sys.modules))"
         )
         result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,

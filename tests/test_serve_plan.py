@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import pytest
 
-from conftest import free_port
+from conftest import busy_port, free_port
 from gemmguard.demo import write_demo_model
 from gemmguard.errors import ServeError, UsageError
 from gemmguard.serve_plan import plan_serve
@@ -71,10 +70,7 @@ def test_missing_model_path_is_an_error(tmp_path: Path) -> None:
 
 
 def test_port_in_use_is_an_error(tmp_path: Path) -> None:
-    with socket.socket() as busy:
-        busy.bind(("127.0.0.1", 0))
-        busy.listen()
-        port = busy.getsockname()[1]
+    with busy_port() as port:
         with pytest.raises(ServeError, match=f"Port {port} on 127.0.0.1 is already in use"):
             _plan(["--host", "127.0.0.1", "--port", str(port)], tmp_path)
 
@@ -86,10 +82,7 @@ def test_worker_extension_is_gemmguards_own(tmp_path: Path) -> None:
 
 def test_a_config_file_sets_the_port_the_check_tests(tmp_path: Path) -> None:
     config = tmp_path / "serve.yaml"
-    with socket.socket() as busy:
-        busy.bind(("127.0.0.1", 0))
-        busy.listen()
-        port = busy.getsockname()[1]
+    with busy_port() as port:
         config.write_text(f"host: 127.0.0.1\nport: {port}\n")
         with pytest.raises(ServeError, match=f"Port {port} on 127.0.0.1 is already in use"):
             _plan(["--config", str(config)], tmp_path)
@@ -101,10 +94,7 @@ def test_a_config_file_sets_the_port_the_check_tests(tmp_path: Path) -> None:
 
 
 def test_underscore_spellings_are_read_as_vllm_reads_them(tmp_path: Path) -> None:
-    with socket.socket() as busy:
-        busy.bind(("127.0.0.1", 0))
-        busy.listen()
-        port = busy.getsockname()[1]
+    with busy_port() as port:
         with pytest.raises(ServeError, match=f"Port {port} on 127.0.0.1 is already in use"):
             _plan(["--max_model_len", "512", "--host", "127.0.0.1", "--port", str(port)],
                   tmp_path)
