@@ -53,14 +53,15 @@ def _plan(argv: list[str]) -> list[str]:
     plan = plan_serve(argv)
     # vLLM's processes (engine core, workers) inherit this environment: plugins, settings.
     os.environ.update(plan.env)
-    state_dir = settings(plan.env).state_dir
+    cfg = settings(plan.env)
+    state_dir = cfg.state_dir
     if state_dir is not None:  # before vLLM: a start that crashes while loading counts too
         count_start(state_dir)
     for note in plan.notes:
         print(f"gemmguard: {note}", flush=True)
     if plan.demo_scheme is not None:
         ensure_demo_model(Path(plan.model), plan.demo_scheme)
-    plan_file = settings(plan.env).serve_plan_file
+    plan_file = cfg.serve_plan_file
     if plan_file:
         _write_atomically(Path(plan_file), json.dumps(plan.handoff()))
     return plan.serve_argv()
