@@ -133,7 +133,8 @@ stop() {  # PID...: stop each server's whole session, then wait for it
 
 requests() {
   step "requests: plain, gemmguard, plain-b up at once (GPUs ${gpus[*]})"
-  local arms=(plain gemmguard plain-b) pids=() i=0 port arm
+  local arms=(plain gemmguard plain-b) i=0 port arm
+  pids=()  # global: the EXIT trap runs after this function has returned
   trap 'stop "${pids[@]}"' EXIT
   for arm in "${arms[@]}"; do
     pids+=("$(start "$arm" "${gpus[$(( i % ${#gpus[@]} ))]}" $(( 8100 + i )))"); i=$((i + 1))

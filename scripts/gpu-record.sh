@@ -56,14 +56,17 @@ make_ckpt() {
 }
 all_ckpts="dense-fp8-block dense-w4a16-g128 dense-w4a8-g128 dense-nvfp4 dense-w8a8-int8
   dense-fp8-dynamic dense-bf16 dense-w8a16-g128 dense-mxfp4a16 moe-fp8-block moe-w4a16-g128
-  moe-nvfp4 moe-fp8-dynamic moe-bf16 moe-w4a16-g128-i256 dense-w4a8-int8-g128"
+  moe-nvfp4 moe-fp8-dynamic moe-bf16 moe-w4a16-g128-i256"
 step checkpoints
 for name in ${CHECKPOINTS:-$all_ckpts}; do make_ckpt "$name" & done
 wait
 
 # family | checkpoint | policy | environment (space-separated) | gemmguard options
 # The policy is gemmguard's default (fallback) where the issue asks that the model be served;
-# warn where a refusal is expected or only the recording is wanted.
+# warn where a refusal is expected or only the recording is wanted. vLLM 0.26 on sm90 reaches
+# Exllama only with fp16 activations, FP8-block Marlin only with VLLM_TEST_FORCE_FP8_MARLIN=1
+# (scaled_mm/marlin.py is_supported), Conch only with the conch-triton-kernels package (not in
+# the device bundle), and serves no W4A8-int8 checkpoint (CPU only): docs/gpu-record.md.
 families=$(cat <<'EOF'
 dense-fp8block-deepgemm|dense-fp8-block|fallback||
 dense-fp8block-cutlass|dense-fp8-block|fallback|VLLM_USE_DEEP_GEMM=0|
@@ -78,10 +81,9 @@ dense-bf16|dense-bf16|warn||
 dense-w8a16-machete|dense-w8a16-g128|fallback||
 dense-w8a16-marlin|dense-w8a16-g128|fallback|VLLM_DISABLED_KERNELS=MacheteLinearKernel|
 dense-mxfp4-marlin|dense-mxfp4a16|fallback||
-dense-w4a16-conch|dense-w4a16-g128|warn|VLLM_DISABLED_KERNELS=MacheteLinearKernel,MarlinLinearKernel|
-dense-w4a16-exllama|dense-w4a16-g128|warn|VLLM_DISABLED_KERNELS=MacheteLinearKernel,MarlinLinearKernel,ConchLinearKernel|
-dense-w4a8int8|dense-w4a8-int8-g128|warn||
-dense-fp8block-marlin|dense-fp8-block|warn|VLLM_DISABLED_KERNELS=FlashInferFp8DeepGEMMDynamicBlockScaledKernel,DeepGemmFp8BlockScaledMMKernel,CutlassFp8BlockScaledMMKernel,B12xFp8BlockScaledMMKernel|
+dense-w4a16-triton|dense-w4a16-g128|warn|VLLM_DISABLED_KERNELS=MacheteLinearKernel,MarlinLinearKernel,ConchLinearKernel|
+dense-w4a16-exllama|dense-w4a16-g128|warn|VLLM_DISABLED_KERNELS=MacheteLinearKernel,MarlinLinearKernel,ConchLinearKernel|--dtype float16
+dense-fp8block-marlin|dense-fp8-block|warn|VLLM_TEST_FORCE_FP8_MARLIN=1 VLLM_DISABLED_KERNELS=FlashInferFp8DeepGEMMDynamicBlockScaledKernel,DeepGemmFp8BlockScaledMMKernel,CutlassFp8BlockScaledMMKernel|
 moe-fp8block-default|moe-fp8-block|warn||
 moe-fp8block-triton|moe-fp8-block|warn|VLLM_USE_DEEP_GEMM=0|
 moe-fp8block-deepgemm|moe-fp8-block|warn|VLLM_USE_DEEP_GEMM=1 VLLM_MOE_USE_DEEP_GEMM=1|
