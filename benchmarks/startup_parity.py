@@ -12,7 +12,10 @@ gemmguard to /gemmguard/ready 200; then it is stopped. Per round, gemmguard / me
 plain-b) is printed beside plain-a / plain-b: a ratio is only as good as that A/A spread.
 Round 0 is not counted: it warms the page cache, or with --cache-root it is the cold start of
 each arm (its torch.compile cache emptied first; plain-a and plain-b share one, as the same
-graphs), which is recorded beside the warm rounds.
+graphs), which is recorded beside the warm rounds. `--warm` skips round 0 where an earlier call
+left the caches warm (a GPU call of 10 minutes holds the cold starts or the warm rounds, not both).
+The results file is written after every start, so a run cut short keeps what it measured; each
+gemmguard start also keeps its self-check's summary line (the check's own seconds by phase).
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ ARMS = ("plain-a", "gemmguard", "plain-b")
 # a "(APIServer pid=N) " prefix in later processes.
 VLLM_LOG_LINE = re.compile(r"\b(DEBUG|INFO|WARNING|ERROR|CRITICAL) \d\d-\d\d \d\d:\d\d:\d\d\S* \[")
 TIMES = ("first_line_s", "health_s")
+SELFCHECK_LINE = re.compile(r"gemmguard self-check \(rank \d+\): .*")
 
 
 class FirstLine(threading.Thread):
@@ -81,10 +85,14 @@ def one_start(arm: str, model: Path, engine_args: list[str], env: dict[str, str]
     watcher.join()
     if watcher.seen_at is None:
         raise RuntimeError(f"No vLLM log line in {watcher.path}: cannot time the start.")
-    return {"arm": arm, "first_line_s": round(watcher.seen_at - server.launched, 3),
-            "health_s": round(server.health_s or 0.0, 3),
-            "ready_s": None if server.ready_s is None else round(server.ready_s, 3),
-            "first_line": watcher.line[:160]}
+    record = {"arm": arm, "first_line_s": round(watcher.seen_at - server.launched, 3),
+              "health_s": round(server.health_s or 0.0, 3),
+              "ready_s": None if server.ready_s is None else round(server.ready_s, 3),
+              "first_line": watcher.line[:160]}
+    if arm == "gemmguard":
+        found = SELFCHECK_LINE.findall(watcher.path.read_text(errors="replace"))
+        record["selfcheck"] = found[0] if found else None
+    return record
 
 
 def ratios(starts: list[dict[str, Any]], field: str) -> dict[str, Spread | None]:
@@ -92,6 +100,8 @@ def ratios(starts: list[dict[str, Any]], field: str) -> dict[str, Spread | None]
     ab, aa = [], []
     for number in sorted({s["round"] for s in starts if s["round"] > 0}):
         arms = {s["arm"]: float(s[field]) for s in starts if s["round"] == number}
+        if len(arms) < len(ARMS):  # a round cut short by the call's end
+            continue
         ab.append(arms["gemmguard"] / statistics.mean([arms["plain-a"], arms["plain-b"]]))
         aa.append(arms["plain-a"] / arms["plain-b"])
     return {"gemmguard/plain": Spread.of(ab), "plain-a/plain-b": Spread.of(aa)}
@@ -116,6 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Give each arm VLLM_CACHE_ROOT=DIR/ARM and make round 0 the cold "
                    "start of each (DIR/ARM emptied first). Default: vLLM's own cache, round 0 "
                    "warms the page cache.")
+    p.add_argument("--warm", action="store_true",
+                   help="No round 0 (the caches are warm from an earlier run); every round counts.")
     return p
 
 
@@ -137,44 +149,47 @@ def arm_env(base: dict[str, str], arm: str, settings: list[str], cache_root: Pat
     return env
 
 
+def results(args: argparse.Namespace, argv: list[str] | None, engine_args: list[str],
+            starts: list[dict[str, Any]]) -> dict[str, Any]:
+    spreads = {field: ratios(starts, field) for field in TIMES}
+    return {"command": "python -m benchmarks.startup_parity "
+                       + " ".join(sys.argv[1:] if argv is None else argv),
+            "engine_args": engine_args, "env": args.env, "rounds": args.rounds,
+            "ratios": {field: {k: None if v is None else vars(v) for k, v in by_arm.items()}
+                       for field, by_arm in spreads.items()},
+            "starts": starts}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE",
                                                                   CPU_KVCACHE_GIB)}
     engine_args = shlex.split(args.engine_args)
     starts: list[dict[str, Any]] = []
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    cold = args.cache_root is not None and not args.warm
     with tempfile.TemporaryDirectory(prefix="gemmguard-startup-parity-") as tmp:
         model = args.model or ensure_demo_model(Path(tmp) / "bf16", "bf16")
-        if args.cache_root is not None:  # round 0 is each arm's cold start
+        if cold:  # round 0 is each arm's cold start
             for name in ("plain", "gemmguard"):
                 shutil.rmtree(args.cache_root / name, ignore_errors=True)
-        for number in range(args.rounds + 1):
+        for number in range(1 if args.warm else 0, args.rounds + 1):
             order = ARMS[number % 3:] + ARMS[:number % 3]
             for arm in order:
-                record = {"round": number,
-                          "cold": number == 0 and args.cache_root is not None and arm != "plain-b",
+                record = {"round": number, "cold": number == 0 and cold and arm != "plain-b",
                           **one_start(arm, model, engine_args,
                                       arm_env(env, arm, args.env, args.cache_root),
                                       Path(tmp) / f"r{number}-{arm}")}
                 starts.append(record)
                 print(f"[startup-parity] {json.dumps(record)}", file=sys.stderr, flush=True)
-    spreads = {field: ratios(starts, field) for field in TIMES}
-    summary = {field: {k: None if v is None else vars(v) for k, v in by_arm.items()}
-               for field, by_arm in spreads.items()}
-    result = {"command": "python -m benchmarks.startup_parity "
-                         + " ".join(sys.argv[1:] if argv is None else argv),
-              "engine_args": engine_args, "env": args.env, "rounds": args.rounds,
-              "ratios": summary,
-              "starts": starts}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1) + "\n")
-    for field, by_arm in spreads.items():
+                args.out.write_text(json.dumps(results(args, argv, engine_args, starts),
+                                               indent=1) + "\n")
+    for field, by_arm in results(args, argv, engine_args, starts)["ratios"].items():
         print(f"launch → {field[:-2].replace('_', ' ')}: gemmguard/plain "
               + "; A/A plain-a/plain-b ".join(
-                  "–" if s is None else s.text() for s in by_arm.values())
+                  "–" if s is None else Spread(**s).text() for s in by_arm.values())
               + f"  (median, range over {args.rounds} rounds)")
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

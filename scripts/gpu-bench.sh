@@ -3,28 +3,33 @@
 # Runs on the lent machine from the repo root, in the same device call that unpacks the last chunk
 # of ../shared/gpu (setup.sh put vLLM 0.26.0 in $HOME/gg-site); the calls are in
 # docs/benchmarks-gpu.md. Everything it measures goes into $OUT/gpu-bench.tgz.
-#   OUT=/tmp/out GG_BENCH_PHASES="startup requests" scripts/gpu-bench.sh
+#   OUT=/tmp/out GG_BENCH_PHASES="startup-cold" scripts/gpu-bench.sh
 #
-# Phases (GG_BENCH_PHASES, each fits one 10-minute call; the checkpoint and the compile caches
-# stay in $HOME between calls while the machine is held):
-#   startup   plain cold, gemmguard cold, then rounds of warm starts plain-a / gemmguard /
-#             plain-b in rotating order (benchmarks.startup_parity): launch → vLLM's first log
-#             line, → /health, → /gemmguard/ready; VLLM_USE_DEEP_GEMM=0 on every arm, so
-#             nothing is replaced.
-#   replaced  the same with gemmguard on vLLM's default DeepGEMM, which its self-check finds
-#             degraded and replaces in place with CUTLASS, against plain with DeepGEMM off.
+# Phases (GG_BENCH_PHASES, each fits one 10-minute call on an H100; the checkpoint and the
+# compile caches stay in $HOME between calls while the machine is held):
+#   startup-cold  the cold start of each arm (torch.compile cache emptied): plain-a, gemmguard,
+#             then plain-b warm (benchmarks.startup_parity --rounds 0).
+#   startup   after startup-cold: rounds of warm starts plain-a / gemmguard / plain-b in
+#             rotating order (--warm): launch → vLLM's first log line, → /health,
+#             → /gemmguard/ready, and gemmguard's self-check line; VLLM_USE_DEEP_GEMM=0 on
+#             every arm, so nothing is replaced.
+#   replaced-cold, replaced  the same with gemmguard on vLLM's default DeepGEMM, which its
+#             self-check finds degraded and replaces in place with CUTLASS, against plain with
+#             DeepGEMM off (caches of their own: the cold gemmguard start also JIT-compiles
+#             DeepGEMM for the check).
 #   requests  plain, gemmguard and plain-b up at once on one GPU (GG_BENCH_MEM of its memory
-#             each), only one under load at a time, the order rotated every round
-#             (benchmarks.rounds), decode-heavy and prefill-heavy loads, ≥ 3 rounds; then the
-#             summary (benchmarks.comparison): gemmguard / mean(plain, plain-b) beside the A/A
-#             plain-b / plain. GG_BENCH_GPUS="0 1" spreads the servers over two GPUs.
+#             each, a fixed KV cache of GG_BENCH_KV_BYTES), only one under load at a time, the
+#             order rotated every round (benchmarks.rounds), decode-heavy and prefill-heavy
+#             loads, ≥ 3 rounds; then the summary (benchmarks.comparison): gemmguard /
+#             mean(plain, plain-b) beside the A/A plain-b / plain. GG_BENCH_GPUS="0 1" spreads
+#             the servers over two GPUs.
 # Plain vLLM is vLLM's own `serve` with VLLM_PLUGINS=none (gemmguard's entry points are in the site).
 set -uo pipefail
 t0=$(date +%s)
 out=${OUT:?set OUT to a folder for the results}
 py=${PY:-python3}
 site=${GG_SITE:-$HOME/gg-site}
-phases=${GG_BENCH_PHASES:-startup requests}
+phases=${GG_BENCH_PHASES:-startup-cold}
 budget=${GG_BENCH_BUDGET_S:-540}  # a device call may run 600 s
 deadline=$((t0 + budget))
 home=${GG_BENCH_HOME:-$HOME/gg-bench}  # kept between the calls of one held machine
@@ -39,9 +44,12 @@ decode=${GG_BENCH_DECODE:-decode:128:512:64:192}
 prefill=${GG_BENCH_PREFILL:-prefill:1024:128:32:192}
 rounds=${GG_BENCH_ROUNDS:-1,2,3}
 start_rounds=${GG_BENCH_START_ROUNDS:-2}
-# The same vLLM options for every server; three share a GPU in the requests phase.
+# The same vLLM options for every server; three share a GPU in the requests phase. A fixed KV
+# cache: vLLM's memory profiling counts what the other servers allocate meanwhile and fails
+# ("No available memory for the cache blocks", H100, 2026-12-07).
 engine=(--max-model-len 2048 --max-num-seqs 128
-        ${GG_BENCH_ENGINE_ARGS:---gpu-memory-utilization ${GG_BENCH_MEM:-0.28}})
+        ${GG_BENCH_ENGINE_ARGS:---gpu-memory-utilization ${GG_BENCH_MEM:-0.3}
+        --kv-cache-memory-bytes ${GG_BENCH_KV_BYTES:-6442450944}})
 
 export PYTHONPATH=$site:$PWD/server:$PWD
 export VLLM_USE_FLASHINFER_SAMPLER=0 VLLM_DEEP_GEMM_WARMUP=skip VLLM_USE_DEEP_GEMM=0
@@ -85,14 +93,14 @@ if [ ! -f "$model/config.json" ]; then
     ${GG_BENCH_CHECKPOINT_ARGS:-} 2>&1 | tee -a "$logs/steps.log"
 fi
 
-startup() {  # NAME [--env ARM:K=V ...]: cold starts, then rotating warm rounds
+startup() {  # NAME [startup_parity options]: cold starts or rotating warm rounds
   local name=$1; shift
-  step "startup: $name"
+  step "startup: $name $*"
   CUDA_VISIBLE_DEVICES=${gpus[0]} timeout $(( $(left) > 0 ? $(left) : 1 )) \
     $py -m benchmarks.startup_parity --model "$model" --rounds "$start_rounds" \
     --engine-args "${engine[*]}" \
-    --cache-root "$HOME/.cache/vllm-$name" --out "$res/startup-$name.json" "$@" \
-    2>&1 | tee -a "$logs/startup-$name.log"
+    --cache-root "$HOME/.cache/vllm-$name" --out "$res/$phase.json" "$@" \
+    2>&1 | tee -a "$logs/$phase.log"
 }
 
 # start ARM GPU PORT: launch one server in a session of its own; prints its pid.
@@ -160,10 +168,12 @@ requests() {
 
 for phase in $phases; do
   case $phase in
-    startup) startup startup ;;
-    replaced) startup replaced --env gemmguard:VLLM_USE_DEEP_GEMM=1 ;;
+    startup-cold) startup startup --rounds 0 ;;
+    startup) startup startup --warm ;;
+    replaced-cold) startup replaced --rounds 0 --env gemmguard:VLLM_USE_DEEP_GEMM=1 ;;
+    replaced) startup replaced --warm --env gemmguard:VLLM_USE_DEEP_GEMM=1 ;;
     requests) requests ;;
-    *) echo "unknown phase '$phase' (startup, replaced, requests)" | tee -a "$logs/steps.log" ;;
+    *) echo "unknown phase '$phase' (startup-cold, startup, replaced-cold, replaced, requests)" | tee -a "$logs/steps.log" ;;
   esac
 done
 step done
