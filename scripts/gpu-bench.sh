@@ -39,9 +39,10 @@ res=$home/results
 logs=$home/logs
 served=llama8b-fp8
 read -r -a gpus <<< "${GG_BENCH_GPUS:-0}"
-# Loads NAME:INPUT:OUTPUT:CONCURRENCY:PROMPTS; prompts sized for ~10-15 s per run on an H200.
+# Loads NAME:INPUT:OUTPUT:CONCURRENCY:PROMPTS: ~11 s per decode run and ~28 s per prefill run on an
+# H100 (192 prefill prompts, ~10 s, left an A/A spread of 13 % on 2026-12-07).
 decode=${GG_BENCH_DECODE:-decode:128:512:64:192}
-prefill=${GG_BENCH_PREFILL:-prefill:1024:128:32:192}
+prefill=${GG_BENCH_PREFILL:-prefill:1024:128:32:512}
 rounds=${GG_BENCH_ROUNDS:-1,2,3}
 start_rounds=${GG_BENCH_START_ROUNDS:-2}
 # The same vLLM options for every server; three share a GPU in the requests phase. A fixed KV
