@@ -3,11 +3,13 @@
 vLLM's /health only says the API server answers; an engine core that died or hangs can leave it
 at 200 for hours, and any HTTP answer (a model list, a 4xx) can come from the API server alone.
 So the only evidence taken here is tokens the engine generated: vLLM's output handler gives each
-batch of engine outputs to its stat loggers, and gemmguard's (`gemmguard.stat_logger`) adds the
-batch's new tokens to this process's `ENGINE_TOKENS`. Once per tick the canary loop looks at
-that tally; if it grew, the engine is live. When it has not grown for `interval` seconds, one
-greedy 1-token request is sent. A canary that does not finish within `deadline` seconds, or
-fails, turns liveness off until the engine produces tokens again. Nothing here runs per request.
+batch of engine outputs to its stat loggers (one per engine), and gemmguard's
+(`gemmguard.stat_logger`) adds the batch's new tokens to this process's `ENGINE_TOKENS`, by engine.
+Once per tick the canary loop looks at each engine's tally; if it grew, that engine is live. When
+it has not grown for `interval` seconds, one greedy 1-token request is sent to that engine. A
+canary that does not finish within `deadline` seconds, or fails, turns the engine's liveness off
+until it produces tokens again; the server is live only while every engine is. Nothing here runs
+per request.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import asyncio
 import itertools
 import logging
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,51 +40,46 @@ class CanaryConfig:
 
 
 class TokenTally:
-    """Tokens the engine generated for this API server process, counted once per engine step."""
+    """Tokens each engine generated for this API server process, counted once per engine step."""
 
     __slots__ = ("tokens", "loggers")
 
     def __init__(self) -> None:
-        self.tokens = 0
+        self.tokens: dict[int, int] = {}  # by engine index (the data-parallel rank)
         # gemmguard stat loggers vLLM built in this process: 0 means no evidence will come.
         self.loggers = 0
 
+    def add(self, engine: int, tokens: int) -> None:
+        self.tokens[engine] = self.tokens.get(engine, 0) + tokens
 
-# One per process: vLLM builds the stat logger, gemmguard's endpoint plugin reads it.
+
+# One per process: vLLM builds the stat loggers (one per engine), gemmguard's endpoint plugin
+# reads them.
 ENGINE_TOKENS = TokenTally()
 
 
-class Liveness:
-    """The latest evidence that the engine produces tokens, and the canary loop that renews it."""
+class EngineLiveness:
+    """One engine's latest evidence that it produces tokens, and its canary.
 
-    def __init__(
-        self,
-        engine_client: Any,
-        config: CanaryConfig,
-        metrics: Any = None,
-        tally: TokenTally = ENGINE_TOKENS,
-    ) -> None:
-        self.engine_client = engine_client
-        self.config = config
-        self.metrics = metrics
-        self.tally = tally
-        self._tokens_seen = tally.tokens
+    With data parallelism every engine answers for its own share of requests: a hung engine
+    must not be hidden by the tokens of another, so each has its own evidence and its own
+    canary, sent to it by vLLM's data-parallel rank routing.
+    """
+
+    def __init__(self, engine: int, liveness: Liveness) -> None:
+        self.engine, self.owner = engine, liveness
+        self._tokens_seen = liveness.tally.tokens.get(engine, 0)
         self.last_ok = time.monotonic()  # the start-up self-check just ran through the engine
         self.failure: str | None = None
         self.canaries_sent = 0
-        self._task: asyncio.Task[None] | None = None
 
-    # --- state ------------------------------------------------------------------------------
     @property
     def live(self) -> bool:
         return self.failure is None
 
-    def reason(self) -> str:
-        return self.failure or "ok"
-
     def observe(self, now: float) -> None:
         """Renew liveness if the engine generated tokens since the last look."""
-        tokens = self.tally.tokens
+        tokens = self.owner.tally.tokens.get(self.engine, 0)
         if tokens != self._tokens_seen:
             self._tokens_seen = tokens
             self._succeeded(now)
@@ -89,62 +87,114 @@ class Liveness:
     def _succeeded(self, now: float) -> None:
         self.last_ok = now
         if self.failure is not None:
-            logger.info("gemmguard: engine live again after: %s", self.failure)
+            logger.info("gemmguard: engine %d live again after: %s", self.engine, self.failure)
             self.failure = None
-            if self.metrics is not None:
-                self.metrics.engine_live.set(1)
+        self.owner.publish(self)
 
     def _failed(self, reason: str, detail: str) -> None:
         if self.failure is None:
-            logger.error("gemmguard: engine not live: %s", detail)
+            logger.error("gemmguard: engine %d not live: %s", self.engine, detail)
         self.failure = detail
-        if self.metrics is not None:
-            self.metrics.engine_live.set(0)
-            self.metrics.canary_failures.labels(reason).inc()
+        self.owner.publish(self, failed=reason)
 
-    # --- the canary -------------------------------------------------------------------------
     def due(self, now: float) -> bool:
         """A canary is due when the engine has generated nothing for `interval` seconds."""
-        return now - self.last_ok >= self.config.interval
+        return now - self.last_ok >= self.owner.config.interval
 
     async def probe(self) -> None:
-        """Send one canary and record its outcome."""
+        """Send one canary to this engine and record its outcome."""
+        config, client = self.owner.config, self.owner.engine_client
         params = vllm_adapter.greedy_params(1)
         request_id = f"gemmguard-canary-{next(_IDS)}"
+        # Routed to this engine only where there are several (a single engine takes all).
+        route = {"data_parallel_rank": self.engine} if len(self.owner.engines) > 1 else {}
         start = time.monotonic()
         self.canaries_sent += 1
         try:
-            async with asyncio.timeout(self.config.deadline):
-                async for _ in self.engine_client.generate(
-                    {"prompt": self.config.prompt}, params, request_id
-                ):
+            async with asyncio.timeout(config.deadline):
+                async for _ in client.generate({"prompt": config.prompt}, params, request_id,
+                                               **route):
                     pass
         except TimeoutError:
             await self._abort(request_id)
-            self._failed("timeout", f"canary got no token within {self.config.deadline:g}s "
+            self._failed("timeout", f"canary got no token within {config.deadline:g}s "
                          "(engine hung or overloaded)")
             return
         except Exception as exc:  # engine dead, or any error the engine raises
-            dead = getattr(self.engine_client, "errored", False)
+            dead = getattr(client, "errored", False)
             self._failed("engine_dead" if dead else "error",
                          f"canary failed: {type(exc).__name__}: {exc}")
             return
         now = time.monotonic()
-        if self.metrics is not None:
-            self.metrics.canary_latency.observe(now - start)
+        if self.owner.metrics is not None:
+            self.owner.metrics.canary_latency.observe(now - start)
         self._succeeded(now)
 
     async def _abort(self, request_id: str) -> None:
         try:
-            await asyncio.wait_for(self.engine_client.abort(request_id), timeout=1)
+            await asyncio.wait_for(self.owner.engine_client.abort(request_id), timeout=1)
         except Exception:  # a hung engine may not take the abort either
             pass
 
+
+class Liveness:
+    """Every engine's liveness, and the canary loop that renews it."""
+
+    def __init__(
+        self,
+        engine_client: Any,
+        config: CanaryConfig,
+        metrics: Any = None,
+        tally: TokenTally = ENGINE_TOKENS,
+        engines: Iterable[int] = (0,),
+    ) -> None:
+        self.engine_client = engine_client
+        self.config = config
+        self.metrics = metrics
+        self.tally = tally
+        self.engines = {e: EngineLiveness(e, self) for e in sorted(set(engines))}
+        self._task: asyncio.Task[None] | None = None
+        for engine in self.engines.values():
+            self.publish(engine)
+
+    def publish(self, engine: EngineLiveness, failed: str = "") -> None:
+        if self.metrics is None:
+            return
+        self.metrics.engine_live.labels(str(engine.engine)).set(1 if engine.live else 0)
+        if failed:
+            self.metrics.canary_failures.labels(failed).inc()
+
+    # --- state ------------------------------------------------------------------------------
+    @property
+    def live(self) -> bool:
+        """Live only while every engine is: a hung engine hangs its share of the requests."""
+        return all(engine.live for engine in self.engines.values())
+
+    def reason(self) -> str:
+        failing = [f"engine {e.engine}: {e.failure}" for e in self.engines.values() if not e.live]
+        return "; ".join(failing) or "ok"
+
+    @property
+    def canaries_sent(self) -> int:
+        return sum(engine.canaries_sent for engine in self.engines.values())
+
+    def state(self) -> dict[str, dict[str, Any]]:
+        """Each engine's liveness, for /gemmguard/live."""
+        return {str(e.engine): {"live": e.live, "reason": e.failure or "ok",
+                                "canaries_sent": e.canaries_sent}
+                for e in self.engines.values()}
+
+    def observe(self, now: float) -> None:
+        for engine in self.engines.values():
+            engine.observe(now)
+
     async def step(self, now: float) -> None:
-        """Take the engine's new tokens as evidence; without any for `interval`, send a canary."""
+        """Take each engine's new tokens as evidence; to every engine without any for
+        `interval`, send a canary (at once: one hung engine must not delay the others')."""
         self.observe(now)
-        if self.due(now):
-            await self.probe()
+        due = [engine.probe() for engine in self.engines.values() if engine.due(now)]
+        if due:
+            await asyncio.gather(*due)
 
     async def run(self, tick: float = 1.0) -> None:
         """One step per `tick`, for as long as the server runs."""

@@ -103,7 +103,7 @@ async def get_live(request: Request) -> JSONResponse:
         return JSONResponse({"live": False, "reason": "gemmguard has not started"}, 503)
     liveness = state.liveness
     body = {"live": liveness.live, "reason": liveness.reason(),
-            "canaries_sent": liveness.canaries_sent}
+            "canaries_sent": liveness.canaries_sent, "engines": liveness.state()}
     return JSONResponse(body, status_code=200 if liveness.live else 503)
 
 
@@ -172,12 +172,11 @@ class GemmguardEndpoints:
         (logger.info if quiet else logger.warning)("%s", report)
         if not gg.selfcheck.serves:
             refuse(gg.selfcheck, cfg.selfcheck_report_file, "s-api-server")
+        engines = sorted({int(info.get("data_parallel_rank", 0)) for info in gg.ranks}) or [0]
         gg.liveness = Liveness(engine_client, CanaryConfig(
             enabled=cfg.canary_interval > 0, interval=cfg.canary_interval,
-            deadline=cfg.canary_deadline, prompt=cfg.canary_prompt), metrics)
-        metrics.engine_live.set(1)
+            deadline=cfg.canary_deadline, prompt=cfg.canary_prompt), metrics, engines=engines)
         gg.liveness.start()
         gg.initialized = True
-        engines = len({info.get("data_parallel_rank", 0) for info in gg.ranks})
         logger.info("gemmguard: %d rank(s) of %d engine(s) reported; routes under /gemmguard/",
-                    len(gg.ranks), engines)
+                    len(gg.ranks), len(engines))

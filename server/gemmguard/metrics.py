@@ -160,7 +160,9 @@ class Metrics:
         self.engine_live = gauge(
             "gemmguard_engine_live",
             "1 while the engine generates tokens (for requests or the idle canary); 0 from a "
-            "failed or late canary until the engine generates tokens again.",
+            "failed or late canary until the engine generates tokens again. One series per "
+            "data-parallel engine (engine: its rank).",
+            ("engine",),
         )
         self.canary_latency = Histogram(
             "gemmguard_canary_latency_seconds",
