@@ -152,8 +152,10 @@ class GemmguardEndpoints:
         gg.kernels = await every_rank("gemmguard_kernel_report")
         gg.fixes = await every_rank("gemmguard_fixes")
         metrics = process_metrics()
-        metrics.publish_build(gg.ranks[0] if gg.ranks else gg.api_server)
-        metrics.publish_fixes(gg.fixes[0] if gg.fixes else [])
+        # Every rank's, with its rank: a fix missing on one node must show.
+        metrics.publish_build(gg.ranks or [gg.api_server])
+        metrics.publish_fixes((info.get("rank", i), rows) for i, (info, rows)
+                              in enumerate(zip(gg.ranks, gg.fixes, strict=False)))
         metrics.publish_kernels(
             (row for rows in gg.kernels for row in rows),
             per_layer=cfg.per_layer_metrics,

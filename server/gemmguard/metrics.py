@@ -21,8 +21,9 @@ from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histo
 from gemmguard.config import settings
 from gemmguard.counter_store import STARTS, CounterStore, PersistedCounter
 
-BUILD_LABELS = ("version", "vllm_version", "torch_version", "platform", "device")
-BUILD_INFO_HELP = "gemmguard, vLLM and torch versions, platform and device (always 1)."
+BUILD_LABELS = ("version", "vllm_version", "torch_version", "platform", "device", "rank")
+BUILD_INFO_HELP = ("gemmguard, vLLM and torch versions, platform and device, per rank (always 1; "
+                   "rank empty for a process that holds no model, e.g. a refusing server).")
 LAYER_LABELS = ("layer", "layer_type", "scheme", "kernel", "rank")
 AGGREGATE_LABELS = ("kernel", "scheme", "layer_type")
 FALLBACK_LABELS = ("layer_type", "scheme", "preferred", "chosen", "reason")
@@ -37,6 +38,11 @@ def bounded_label(value: object, limit: int = MAX_LABEL_CHARS) -> str:
     """A label value with whitespace collapsed and at most `limit` characters."""
     text = re.sub(r"\s+", " ", str(value)).strip()
     return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def build_labels(info: Mapping[str, Any]) -> tuple[str, ...]:
+    """gemmguard_build_info's label values from one process's or rank's build info."""
+    return tuple(str(info.get(label, "")) for label in BUILD_LABELS)
 
 
 def _gauge(registry: CollectorRegistry | None, name: str, doc: str,
@@ -153,9 +159,9 @@ class Metrics:
 
         self.engine_fix_info = gauge(
             "gemmguard_engine_fix_info",
-            "Each carried engine fix and its state: upstream, patched, missing, not_applicable "
-            "or unknown.",
-            ("fix", "state"),
+            "Each carried engine fix and its state on each rank: upstream, patched, missing, "
+            "not_applicable or unknown (a rank on another node may differ).",
+            ("fix", "state", "rank"),
         )
         self.engine_live = gauge(
             "gemmguard_engine_live",
@@ -195,20 +201,23 @@ class Metrics:
             if store.totals(STARTS).get((), 0.0) > 1:
                 self.server_restarts.inc()
 
-    def publish_fixes(self, report: Iterable[Mapping[str, str]]) -> None:
-        """One series per fix, value 1, its state as a label."""
+    def publish_fixes(self, per_rank: Iterable[tuple[object, Iterable[Mapping[str, str]]]]
+                      ) -> None:
+        """One series per fix and rank, value 1, its state as a label."""
         self.engine_fix_info.clear()
-        for row in report:
-            self.engine_fix_info.labels(row["fix"], row["state"]).set(1)
+        for rank, report in per_rank:
+            for row in report:
+                self.engine_fix_info.labels(row["fix"], row["state"], str(rank)).set(1)
 
     def publish_selfcheck(self, outcome: Any, *, per_layer: bool = True) -> None:
         """Export a self-check outcome (selfcheck.policy.Outcome)."""
         self.selfcheck.publish(outcome, per_layer=per_layer)
 
-    def publish_build(self, info: Mapping[str, Any]) -> None:
-        """Set gemmguard_build_info from one process's build info."""
+    def publish_build(self, infos: Iterable[Mapping[str, Any]]) -> None:
+        """Set gemmguard_build_info from each rank's build info (its `rank` a label)."""
         self.build_info.clear()
-        self.build_info.labels(*(str(info.get(label, "")) for label in BUILD_LABELS)).set(1)
+        for info in infos:
+            self.build_info.labels(*build_labels(info)).set(1)
 
     def publish_kernels(self, rows: Iterable[Mapping[str, Any]], *, per_layer: bool = True,
                         count_fallbacks: bool = True) -> None:

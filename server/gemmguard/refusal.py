@@ -32,7 +32,7 @@ from prometheus_client.exposition import choose_encoder
 
 from gemmguard.config import Settings
 from gemmguard.counter_store import CounterStore, PersistedCounter
-from gemmguard.metrics import BUILD_INFO_HELP, BUILD_LABELS, SelfcheckMetrics
+from gemmguard.metrics import BUILD_INFO_HELP, BUILD_LABELS, SelfcheckMetrics, build_labels
 from gemmguard.selfcheck.policy import Outcome
 
 logger = logging.getLogger("gemmguard.refusal")
@@ -52,7 +52,7 @@ def refusal_registry(report: Mapping[str, Any], settings: Settings,
                                        per_layer=settings.per_layer_metrics)
     if build is not None:
         info = Gauge("gemmguard_build_info", BUILD_INFO_HELP, BUILD_LABELS, registry=registry)
-        info.labels(*(str(build.get(label, "")) for label in BUILD_LABELS)).set(1)
+        info.labels(*build_labels(build)).set(1)
     state = settings.state_dir
     refusals = PersistedCounter(
         REFUSALS,

