@@ -61,3 +61,26 @@ def test_the_supervisor_imports_neither_vllm_nor_torch(tmp_path: Path) -> None:
                                 timeout=300, env=_env(tmp_path))
     assert result.stdout.strip().splitlines()[-1] == "2 []", result.stderr
     assert "already in use" in result.stderr
+
+
+def test_a_refusal_report_takes_each_rank_once_from_every_ranks_file(tmp_path: Path) -> None:
+    """Every rank of a refusing engine leaves a file holding the whole engine's report (the
+    ranks learn each other's at load): merged, each rank counts once."""
+    import json
+
+    from gemmguard.launcher import refusal_report
+    from gemmguard.selfcheck.policy import Outcome
+    from test_refusal import REPORT
+
+    refusing = REPORT["ranks"][0]
+    passing = {**refusing, "rank": 1, "refusal": "",
+               "layers": [row for row in refusing["layers"] if row["verdict"] == "pass"]}
+    whole = Outcome("fail", [refusing, passing]).as_dict()
+    report_file = tmp_path / "selfcheck.json"
+    for rank in (0, 1):
+        Path(f"{report_file}.rank{rank}").write_text(json.dumps(whole))
+    merged = refusal_report(report_file)
+    assert merged is not None
+    assert [rank["rank"] for rank in merged["ranks"]] == [0, 1]
+    assert merged["refusal"] == refusing["refusal"] and merged["counts"] == whole["counts"]
+    assert refusal_report(tmp_path / "none.json") is None

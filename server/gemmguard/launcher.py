@@ -84,8 +84,12 @@ def _run_once(argv: list[str], env: dict[str, str], plan_file: Path) -> int:
 
 
 def refusal_report(report_file: Path) -> dict[str, Any] | None:
-    """The report a refusing engine left (one file per rank), merged; None if none refused."""
-    ranks: list[dict[str, Any]] = []
+    """The report a refusing engine left (one file per rank), merged; None if none refused.
+
+    Each refusing rank's file holds every rank of its engine (they learn each other's reports
+    at load), so a rank is taken once.
+    """
+    ranks: dict[tuple[Any, Any], dict[str, Any]] = {}
     policy, unchecked = "fallback", "warn"
     for path in sorted(report_file.parent.glob(report_file.name + ".rank*")):
         try:
@@ -93,12 +97,13 @@ def refusal_report(report_file: Path) -> dict[str, Any] | None:
         except (OSError, ValueError):
             continue
         policy, unchecked = data["policy"], data["unchecked_policy"]
-        ranks.extend(data["ranks"])
+        for rank in data["ranks"]:
+            ranks.setdefault((rank.get("data_parallel_rank"), rank.get("rank")), rank)
     if not ranks:
         return None
     from gemmguard.selfcheck.policy import Outcome  # brings torch: only once a rank refused
 
-    return Outcome(policy, ranks, unchecked).as_dict()
+    return Outcome(policy, list(ranks.values()), unchecked).as_dict()
 
 
 def serve(argv: list[str], environ: dict[str, str] | None = None) -> int:

@@ -544,11 +544,15 @@ def finish(check: RankCheck, rank: int) -> None:
     (logger.info if quiet and not (counts["degraded"] or counts["broken"]) else logger.warning)(
         "%s", line)
     check.refusal = refusal(check)
-    if not check.refusal:
+    # A refusal on any rank stops every rank of the engine, each with the engine's whole report,
+    # through vLLM's own process group: the leader's server must exit 3 with the report although
+    # the failing layers sit on another node, whose disk it cannot read (issue 25).
+    reports = vllm_adapter.gather_engine_ranks(check.as_dict(rank))
+    if not any(report.get("refusal") for report in reports):
         return
     from gemmguard.selfcheck.policy import Outcome, refuse, summary
 
-    outcome = Outcome(check.config.policy, [check.as_dict(rank)], check.config.unchecked)
+    outcome = Outcome(check.config.policy, reports, check.config.unchecked)
     logger.error("%s", summary(outcome))
     refuse(outcome, check.config.report_file, str(rank))
 

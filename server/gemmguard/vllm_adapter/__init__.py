@@ -409,6 +409,27 @@ def rank_across_engines(local_rank: int, parallel_config: Any) -> int:
     return data_parallel_index(parallel_config) * per_engine + local_rank % per_engine
 
 
+def gather_engine_ranks(value: Any) -> list[Any]:
+    """`value` from every worker of this engine (every TP/PP rank, on every node), in rank order,
+    through vLLM's own world group (its CPU process group); [value] alone without one.
+
+    vLLM keeps one world group per engine: data-parallel engines do not see each other's.
+    """
+    import torch.distributed as dist
+
+    try:
+        from vllm.distributed import parallel_state
+
+        world = parallel_state.get_world_group()
+    except Exception:  # no distributed state: an offline probe, a single process
+        return [value]
+    if world.world_size == 1:
+        return [value]
+    gathered: list[Any] = [None] * world.world_size
+    dist.all_gather_object(gathered, value, group=world.cpu_group)
+    return gathered
+
+
 def global_rank() -> int:
     """This worker's rank over every engine's workers (0 without torch.distributed)."""
     import torch.distributed as dist
