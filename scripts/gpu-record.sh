@@ -56,7 +56,7 @@ make_ckpt() {
 }
 all_ckpts="dense-fp8-block dense-w4a16-g128 dense-w4a8-g128 dense-nvfp4 dense-w8a8-int8
   dense-fp8-dynamic dense-bf16 dense-w8a16-g128 dense-mxfp4a16 moe-fp8-block moe-w4a16-g128
-  moe-nvfp4 moe-fp8-dynamic moe-bf16 moe-w4a16-g128-i256"
+  moe-nvfp4 moe-fp8-dynamic moe-bf16 moe-w4a16-g128-i256 dense-w4a8-int8-g128"
 step checkpoints
 for name in ${CHECKPOINTS:-$all_ckpts}; do make_ckpt "$name" & done
 wait
@@ -102,6 +102,7 @@ if ! command -v nvidia-smi > /dev/null; then
 cpu-dense-bf16|dense-bf16|warn||
 cpu-moe-bf16|moe-bf16|warn||
 cpu-dense-w8a8int8|dense-w8a8-int8|warn||
+cpu-dense-w4a8int8|dense-w4a8-int8-g128|warn||
 EOF
 )
 fi
