@@ -63,23 +63,33 @@ class EngineLiveness:
 
     With data parallelism every engine answers for its own share of requests: a hung engine
     must not be hidden by the tokens of another, so each has its own evidence and its own
-    canary, sent to it by vLLM's data-parallel rank routing.
+    canary, sent to it by vLLM's data-parallel rank routing (`routed`).
     """
 
-    def __init__(self, engine: int, liveness: Liveness) -> None:
-        self.engine, self.owner = engine, liveness
-        self._tokens_seen = liveness.tally.tokens.get(engine, 0)
+    def __init__(self, engine: int, *, client: Any, config: CanaryConfig, tally: TokenTally,
+                 metrics: Any = None, routed: bool = False) -> None:
+        self.engine, self.client, self.config = engine, client, config
+        self.tally, self.metrics, self.routed = tally, metrics, routed
+        self._tokens_seen = tally.tokens.get(engine, 0)
         self.last_ok = time.monotonic()  # the start-up self-check just ran through the engine
         self.failure: str | None = None
         self.canaries_sent = 0
+        self._publish()
 
     @property
     def live(self) -> bool:
         return self.failure is None
 
+    def _publish(self, failed: str = "") -> None:
+        if self.metrics is None:
+            return
+        self.metrics.engine_live.labels(str(self.engine)).set(1 if self.live else 0)
+        if failed:
+            self.metrics.canary_failures.labels(failed).inc()
+
     def observe(self, now: float) -> None:
         """Renew liveness if the engine generated tokens since the last look."""
-        tokens = self.owner.tally.tokens.get(self.engine, 0)
+        tokens = self.tally.tokens.get(self.engine, 0)
         if tokens != self._tokens_seen:
             self._tokens_seen = tokens
             self._succeeded(now)
@@ -89,50 +99,48 @@ class EngineLiveness:
         if self.failure is not None:
             logger.info("gemmguard: engine %d live again after: %s", self.engine, self.failure)
             self.failure = None
-        self.owner.publish(self)
+        self._publish()
 
     def _failed(self, reason: str, detail: str) -> None:
         if self.failure is None:
             logger.error("gemmguard: engine %d not live: %s", self.engine, detail)
         self.failure = detail
-        self.owner.publish(self, failed=reason)
+        self._publish(failed=reason)
 
     def due(self, now: float) -> bool:
         """A canary is due when the engine has generated nothing for `interval` seconds."""
-        return now - self.last_ok >= self.owner.config.interval
+        return now - self.last_ok >= self.config.interval
 
     async def probe(self) -> None:
         """Send one canary to this engine and record its outcome."""
-        config, client = self.owner.config, self.owner.engine_client
         params = vllm_adapter.greedy_params(1)
         request_id = f"gemmguard-canary-{next(_IDS)}"
-        # Routed to this engine only where there are several (a single engine takes all).
-        route = {"data_parallel_rank": self.engine} if len(self.owner.engines) > 1 else {}
+        route = {"data_parallel_rank": self.engine} if self.routed else {}
         start = time.monotonic()
         self.canaries_sent += 1
         try:
-            async with asyncio.timeout(config.deadline):
-                async for _ in client.generate({"prompt": config.prompt}, params, request_id,
-                                               **route):
+            async with asyncio.timeout(self.config.deadline):
+                async for _ in self.client.generate({"prompt": self.config.prompt}, params,
+                                                    request_id, **route):
                     pass
         except TimeoutError:
             await self._abort(request_id)
-            self._failed("timeout", f"canary got no token within {config.deadline:g}s "
+            self._failed("timeout", f"canary got no token within {self.config.deadline:g}s "
                          "(engine hung or overloaded)")
             return
         except Exception as exc:  # engine dead, or any error the engine raises
-            dead = getattr(client, "errored", False)
+            dead = getattr(self.client, "errored", False)
             self._failed("engine_dead" if dead else "error",
                          f"canary failed: {type(exc).__name__}: {exc}")
             return
         now = time.monotonic()
-        if self.owner.metrics is not None:
-            self.owner.metrics.canary_latency.observe(now - start)
+        if self.metrics is not None:
+            self.metrics.canary_latency.observe(now - start)
         self._succeeded(now)
 
     async def _abort(self, request_id: str) -> None:
         try:
-            await asyncio.wait_for(self.owner.engine_client.abort(request_id), timeout=1)
+            await asyncio.wait_for(self.client.abort(request_id), timeout=1)
         except Exception:  # a hung engine may not take the abort either
             pass
 
@@ -152,17 +160,12 @@ class Liveness:
         self.config = config
         self.metrics = metrics
         self.tally = tally
-        self.engines = {e: EngineLiveness(e, self) for e in sorted(set(engines))}
+        ranks = sorted(set(engines))
+        # A canary is routed to its engine only where there are several (one takes all).
+        self.engines = {e: EngineLiveness(e, client=engine_client, config=config, tally=tally,
+                                          metrics=metrics, routed=len(ranks) > 1)
+                        for e in ranks}
         self._task: asyncio.Task[None] | None = None
-        for engine in self.engines.values():
-            self.publish(engine)
-
-    def publish(self, engine: EngineLiveness, failed: str = "") -> None:
-        if self.metrics is None:
-            return
-        self.metrics.engine_live.labels(str(engine.engine)).set(1 if engine.live else 0)
-        if failed:
-            self.metrics.canary_failures.labels(failed).inc()
 
     # --- state ------------------------------------------------------------------------------
     @property

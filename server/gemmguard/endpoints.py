@@ -45,6 +45,12 @@ class GemmguardState:
     liveness: Liveness | None = None
     initialized: bool = False
 
+    def rank_of(self, index: int) -> int:
+        """The rank across engines of the index-th answer, as that worker reported it: the
+        one number every route and metric labels a rank with."""
+        info = self.ranks[index] if index < len(self.ranks) else {}
+        return int(info.get("rank", index))
+
 
 def _state(request: Request) -> GemmguardState | None:
     return getattr(request.app.state, "gemmguard", None)
@@ -72,7 +78,8 @@ async def get_kernels(request: Request) -> JSONResponse:
     if state is None or not state.initialized:
         return _not_ready("gemmguard has not gathered the kernel reports yet")
     return JSONResponse(
-        {"ranks": [{"rank": i, "layers": rows} for i, rows in enumerate(state.kernels)]}
+        {"ranks": [{"rank": state.rank_of(i), "layers": rows}
+                   for i, rows in enumerate(state.kernels)]}
     )
 
 
@@ -82,7 +89,7 @@ async def get_fixes(request: Request) -> JSONResponse:
     state = _state(request)
     if state is None or not state.initialized:
         return _not_ready("gemmguard has not gathered the fix reports yet")
-    ranks = [{"rank": i, "fixes": rows} for i, rows in enumerate(state.fixes)]
+    ranks = [{"rank": state.rank_of(i), "fixes": rows} for i, rows in enumerate(state.fixes)]
     return JSONResponse({"ranks": ranks})
 
 
@@ -154,8 +161,7 @@ class GemmguardEndpoints:
         metrics = process_metrics()
         # Every rank's, with its rank: a fix missing on one node must show.
         metrics.publish_build(gg.ranks or [gg.api_server])
-        metrics.publish_fixes((info.get("rank", i), rows) for i, (info, rows)
-                              in enumerate(zip(gg.ranks, gg.fixes, strict=False)))
+        metrics.publish_fixes((gg.rank_of(i), rows) for i, rows in enumerate(gg.fixes))
         metrics.publish_kernels(
             (row for rows in gg.kernels for row in rows),
             per_layer=cfg.per_layer_metrics,

@@ -50,6 +50,11 @@ def _gauge(registry: CollectorRegistry | None, name: str, doc: str,
     return Gauge(name, doc, tuple(labels), multiprocess_mode="mostrecent", registry=registry)
 
 
+def build_info_gauge(registry: CollectorRegistry | None) -> Gauge:
+    """gemmguard_build_info: one definition for the serving server and the refusing one."""
+    return _gauge(registry, "gemmguard_build_info", BUILD_INFO_HELP, BUILD_LABELS)
+
+
 class SelfcheckMetrics:
     """The gemmguard_selfcheck_* gauges, one definition for the serving server and for the
     refusing one (`refusal.py`), so both say the same thing of the same report."""
@@ -133,10 +138,7 @@ class Metrics:
         def gauge(name: str, doc: str, labels: Iterable[str] = ()) -> Gauge:
             return _gauge(registry, name, doc, labels)
 
-        self.build_info = gauge(
-            "gemmguard_build_info", BUILD_INFO_HELP,
-            BUILD_LABELS,
-        )
+        self.build_info = build_info_gauge(registry)
         self.layer_kernel_info = gauge(
             "gemmguard_layer_kernel_info",
             "The GEMM kernel each layer runs, per rank (always 1).",

@@ -27,12 +27,12 @@ from collections.abc import Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Gauge
+from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 
 from gemmguard.config import Settings
 from gemmguard.counter_store import CounterStore, PersistedCounter
-from gemmguard.metrics import BUILD_INFO_HELP, BUILD_LABELS, SelfcheckMetrics, build_labels
+from gemmguard.metrics import SelfcheckMetrics, build_info_gauge, build_labels
 from gemmguard.selfcheck.policy import Outcome
 
 logger = logging.getLogger("gemmguard.refusal")
@@ -51,8 +51,7 @@ def refusal_registry(report: Mapping[str, Any], settings: Settings,
     SelfcheckMetrics(registry).publish(Outcome.of_report(report),
                                        per_layer=settings.per_layer_metrics)
     if build is not None:
-        info = Gauge("gemmguard_build_info", BUILD_INFO_HELP, BUILD_LABELS, registry=registry)
-        info.labels(*build_labels(build)).set(1)
+        build_info_gauge(registry).labels(*build_labels(build)).set(1)
     state = settings.state_dir
     refusals = PersistedCounter(
         REFUSALS,

@@ -547,9 +547,10 @@ def finish(check: RankCheck, rank: int) -> None:
     # A refusal on any rank stops every rank of the engine, each with the engine's whole report,
     # through vLLM's own process group: the leader's server must exit 3 with the report although
     # the failing layers sit on another node, whose disk it cannot read (issue 25).
-    reports = vllm_adapter.gather_engine_ranks(check.as_dict(rank))
-    if not any(report.get("refusal") for report in reports):
+    # A flag first: the whole reports cross the group only when some rank refuses.
+    if not any(vllm_adapter.gather_engine_ranks(bool(check.refusal))):
         return
+    reports = vllm_adapter.gather_engine_ranks(check.as_dict(rank))
     from gemmguard.selfcheck.policy import Outcome, refuse, summary
 
     outcome = Outcome(check.config.policy, reports, check.config.unchecked)
