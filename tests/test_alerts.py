@@ -35,6 +35,7 @@ REQUIRED_ALERTS = {
     "GemmguardEngineFixMissing",
     "GemmguardCanaryFailing",
     "GemmguardServerRestarted",
+    "GemmguardPodRecreated",  # issue 25: a LeaderWorkerSet group recreation empties the counters
     "GemmguardNotReady",
 }
 # DESIGN.md "The contract": every gemmguard metric name, the ones issue 16 adds (restarts and
@@ -58,6 +59,7 @@ CONTRACT_METRICS = {
     "gemmguard_canary_latency_seconds",
     "gemmguard_canary_failures_total",
     "gemmguard_server_restarts_total",
+    "gemmguard_state_created_timestamp_seconds",  # issue 25: when the pod's counters began
     "kube_pod_container_status_ready",
 }
 

@@ -355,12 +355,46 @@ def test_multinode_runs_vllms_multiprocessing_executor_on_every_node() -> None:
     assert "--headless" not in leader["args"]
     assert worker["args"][worker["args"].index("--node-rank") + 1] == "$(GEMMGUARD_NODE_RANK)"
     assert "--headless" in worker["args"]
-    assert "readinessProbe" not in worker and "ports" not in worker, "workers serve no API"
+    assert "readinessProbe" not in worker, "workers serve no API"
+    assert [p["name"] for p in worker["ports"]] == ["http"], "a worker's pod serves /metrics"
 
-    service = _one(manifests, "Service")
-    assert service["spec"]["selector"]["app.kubernetes.io/component"] == "leader"
+    services = {s["metadata"]["name"]: s for s in manifests if s["kind"] == "Service"}
+    api = services.pop("llm-gemmguard")
+    assert api["spec"]["selector"]["app.kubernetes.io/component"] == "leader"
     leader_labels = template["leaderTemplate"]["metadata"]["labels"]
     assert leader_labels["app.kubernetes.io/component"] == "leader"
+
+
+def _selects(selector: dict[str, str], labels: dict[str, str]) -> bool:
+    return all(labels.get(key) == value for key, value in selector.items())
+
+
+def test_multinode_scrapes_every_pod_that_runs_a_rank_and_serves_the_api_from_leaders() -> None:
+    manifests = render(*_value_files("multinode-values.yaml"))
+    template = _one(manifests, "LeaderWorkerSet")["spec"]["leaderWorkerTemplate"]
+    pods = {role: template[f"{role}Template"]["metadata"]["labels"]
+            for role in ("leader", "worker")}
+    services = [m for m in manifests if m["kind"] == "Service"]
+    monitor = _one(manifests, "ServiceMonitor")
+    scraped = [s for s in services
+               if _selects(monitor["spec"]["selector"]["matchLabels"], s["metadata"]["labels"])]
+    assert len(scraped) == 1, "one Service scraped: no pod twice"
+    (metrics,) = scraped
+    for role, labels in pods.items():
+        assert _selects(metrics["spec"]["selector"], labels), f"{role} pods are not scraped"
+    assert metrics["spec"]["clusterIP"] == "None" and metrics["spec"]["publishNotReadyAddresses"]
+    assert [p["targetPort"] for p in metrics["spec"]["ports"]] == ["http"]
+    # Requests go to leaders only: a worker has no API server.
+    (api,) = [s for s in services if s is not metrics]
+    assert _selects(api["spec"]["selector"], pods["leader"])
+    assert not _selects(api["spec"]["selector"], pods["worker"])
+
+
+def test_a_single_node_release_scrapes_its_api_service() -> None:
+    manifests = render("--set", "metrics.serviceMonitor.enabled=true")
+    (service,) = [m for m in manifests if m["kind"] == "Service"]
+    monitor = _one(manifests, "ServiceMonitor")
+    assert _selects(monitor["spec"]["selector"]["matchLabels"], service["metadata"]["labels"])
 
 
 def _vllm_parse(argv: list[str]) -> Any:

@@ -27,7 +27,7 @@ def _value(registry: CollectorRegistry, name: str, **labels: str) -> float | Non
 def _restart(state: Path, previous: Metrics | None) -> tuple[Metrics, CollectorRegistry]:
     """A new server process: the old one's claim ends with it, a new registry starts empty."""
     if previous is not None:
-        for counter in (previous.canary_failures, previous.server_restarts):
+        for counter in (previous.canary_failures, previous.pod_state.server_restarts):
             if counter.store is not None:
                 counter.store.release()
     count_start(state)  # the server process does, before vLLM starts
@@ -118,3 +118,31 @@ def test_the_persisted_child_is_the_counter_child_otherwise(tmp_path: Path) -> N
     metrics = Metrics(CollectorRegistry(), state_dir=tmp_path)
     metrics.canary_failures.labels("error").inc()
     assert metrics.canary_failures.labels("error")._value.get() == 1
+
+
+def test_the_state_directory_keeps_its_creation_time_across_restarts(tmp_path: Path) -> None:
+    metrics, registry = _restart(tmp_path, None)
+    created = _value(registry, "gemmguard_state_created_timestamp_seconds")
+    assert created is not None and created > 0
+    _, registry = _restart(tmp_path, metrics)  # a container restart: the same pod
+    assert _value(registry, "gemmguard_state_created_timestamp_seconds") == created
+
+
+def test_a_new_state_directory_is_a_new_pod_and_says_so(tmp_path: Path) -> None:
+    # A LeaderWorkerSet group recreation replaces the pod, same name, with an empty emptyDir:
+    # the counters start over, and the creation time is what tells.
+    old = tmp_path / "old"
+    metrics, registry = _restart(old, None)
+    metrics.canary_failures.labels("timeout").inc()
+    old_created = _value(registry, "gemmguard_state_created_timestamp_seconds")
+    _, registry = _restart(tmp_path / "new", None)
+    assert _value(registry, "gemmguard_canary_failures_total", reason="timeout") == 0
+    assert _value(registry, "gemmguard_server_restarts_total") == 0
+    new_created = _value(registry, "gemmguard_state_created_timestamp_seconds")
+    assert old_created is not None and new_created is not None and new_created > old_created
+
+
+def test_no_state_directory_exports_no_creation_time() -> None:
+    registry = CollectorRegistry()
+    Metrics(registry)
+    assert _value(registry, "gemmguard_state_created_timestamp_seconds") is None

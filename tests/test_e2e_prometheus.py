@@ -7,7 +7,9 @@ demo servers as a ServiceMonitor would, with `namespace` and `pod` target labels
 
     healthy   defaults, a 2 s canary; no alert may fire on it, until its engine core is SIGSTOPped
               (GemmguardCanaryFailing) and it is restarted on the same state directory
-              (GemmguardServerRestarted, and the canary failures survive the restart)
+              (GemmguardServerRestarted, and the canary failures survive the restart), then
+              started on a new state directory, as a recreated pod of the same name would be
+              (GemmguardPodRecreated, its counters from 0)
     warned    --selfcheck-policy warn; the faulty E8M0 kernel (degraded) chosen after the garbage
               kernel was --deny-kernel'ed
     unfixed   the bf16 demo with the portable-fp8 fix disabled: this CPU (no AMX) lacks it;
@@ -476,6 +478,28 @@ def test_canary_failures_survive_a_restart_and_the_restart_pages(fleet: Fleet) -
     restored = [line for line in server.get("/metrics").text.splitlines()
                 if line.startswith('gemmguard_canary_failures_total{reason="timeout"}')]
     assert restored and float(restored[0].split()[-1]) >= before
+
+
+def test_a_pod_recreated_under_its_name_pages_although_its_counters_start_over(
+        fleet: Fleet) -> None:
+    # A LeaderWorkerSet group recreation: the same pod name (the same target here), a new pod
+    # with an empty state directory. Its counters start from 0; the state's creation time tells.
+    prometheus = fleet.prometheus
+    assert _canary_timeouts(prometheus) >= 1, "runs after the canary tests"
+    fleet.servers["healthy"].stop()
+    scenario = fleet.scenarios["healthy"]
+    recreated = Scenario(scenario.args, {**scenario.env, "GEMMGUARD_STATE_DIR":
+                                         str(fleet.tmp / "healthy-recreated-state")},
+                         port=scenario.port)
+    server = launch("healthy", recreated, fleet.tmp)
+    fleet.servers["healthy"] = server
+    wait_until(server, "healthy (recreated)", serving, START_TIMEOUT_S)
+    firing = prometheus.wait_firing("healthy", {"GemmguardPodRecreated"})
+    assert "GemmguardPodRecreated" in firing
+    lines = server.get("/metrics").text.splitlines()
+    timeouts = [line for line in lines
+                if line.startswith('gemmguard_canary_failures_total{reason="timeout"}')]
+    assert timeouts and float(timeouts[0].split()[-1]) == 0, "a new pod's counters start at 0"
 
 
 def test_every_alert_was_proven(fleet: Fleet) -> None:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import requests
+from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import FAST_ENGINE_ARGS, free_port
 from gemmguard.demo.checkpoint import DemoSpec, write_demo_model
@@ -43,31 +44,52 @@ def _node(model: Path, rank: int, master_port: int, http_port: int, tmp: Path,
                                 text=True, start_new_session=True)
 
 
-def _report_while_lingering(port: int, leader: subprocess.Popen[str]) -> dict[str, object]:
+def _get(url: str) -> requests.Response | None:
+    try:
+        return requests.get(url, timeout=5)
+    except requests.ConnectionError:
+        return None
+
+
+def _report_while_lingering(port: int, leader: subprocess.Popen[str], worker_port: int,
+                            worker_metrics: list[str]) -> dict[str, object]:
+    """The leader's lingering report; meanwhile every /metrics the worker's pod answered."""
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and leader.poll() is None:
-        try:
-            reply = requests.get(f"http://127.0.0.1:{port}/gemmguard/v1/selfcheck", timeout=5)
-            if reply.status_code == 200:
-                return dict(reply.json())
-        except requests.ConnectionError:
-            pass
+        scraped = _get(f"http://127.0.0.1:{worker_port}/metrics")
+        if scraped is not None and scraped.status_code == 200:
+            worker_metrics.append(scraped.text)
+        reply = _get(f"http://127.0.0.1:{port}/gemmguard/v1/selfcheck")
+        if reply is not None and reply.status_code == 200:
+            return dict(reply.json())
         time.sleep(0.5)
     raise AssertionError(f"the leader never lingered with a report (exit {leader.poll()})")
+
+
+def _value(exposition: str, name: str) -> float | None:
+    for family in text_string_to_metric_families(exposition):
+        for sample in family.samples:
+            if sample.name == name:
+                return float(sample.value)
+    return None
 
 
 def test_a_refusing_worker_node_stops_the_leader_with_the_whole_report(tmp_path: Path) -> None:
     # 4 KV heads: the k/v projections split over two ranks keep whole 128-row FP8 blocks.
     model = write_demo_model(tmp_path / "fp8-block-kv4", "fp8-block", 0,
                              DemoSpec(num_key_value_heads=4))
-    master, http = free_port(), free_port()
+    master, http, worker_http = free_port(), free_port(), free_port()
     leader = _node(model, 0, master, http, tmp_path,
                    {"GEMMGUARD_SELFCHECK_REFUSAL_LINGER": str(LINGER_S)})
-    worker = _node(model, 1, master, free_port(), tmp_path, {"GEMMGUARD_TEST_KERNELS":
-                                                             "corrupt-block"})
+    worker = _node(model, 1, master, worker_http, tmp_path,
+                   {"GEMMGUARD_TEST_KERNELS": "corrupt-block",
+                    "GEMMGUARD_SELFCHECK_REFUSAL_LINGER": str(LINGER_S)})
+    worker_metrics: list[str] = []
     try:
-        report = _report_while_lingering(http, leader)
+        report = _report_while_lingering(http, leader, worker_http, worker_metrics)
         ready = requests.get(f"http://127.0.0.1:{http}/gemmguard/ready", timeout=5)
+        # The refusing worker's pod lingers on its own port too, with its refusal counted.
+        lingering = _get(f"http://127.0.0.1:{worker_http}/metrics")
         leader.wait(timeout=LINGER_S + 60)
         worker.wait(timeout=120)
     finally:
@@ -86,3 +108,15 @@ def test_a_refusing_worker_node_stops_the_leader_with_the_whole_report(tmp_path:
     for log in (leader_log, worker_log):  # each server's own summary of the whole report
         assert f"\n  broken   model.layers.0.mlp.down_proj: {FAULTY}" in log
         assert f"--deny-kernel {FAULTY}" in log
+
+    # While the worker node loaded, its pod answered Prometheus (issue 25: every pod that runs
+    # a rank is scraped) from its headless server: its build, restarts and state's start.
+    loading = [text for text in worker_metrics if "gemmguard_selfcheck_refusals_total" not in text]
+    assert loading, "the headless worker's pod never answered /metrics while it ran"
+    assert _value(loading[0], "gemmguard_build_info") == 1
+    assert 'rank=""' in loading[0] and 'version="' in loading[0]
+    assert _value(loading[0], "gemmguard_server_restarts_total") == 0
+    created = _value(loading[0], "gemmguard_state_created_timestamp_seconds")
+    assert created is not None and 0 < time.time() - created < 600
+    assert lingering is not None and lingering.status_code == 200
+    assert _value(lingering.text, "gemmguard_selfcheck_refusals_total") == 1

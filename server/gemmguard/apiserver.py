@@ -22,6 +22,8 @@ from gemmguard import vllm_adapter
 from gemmguard.config import settings
 from gemmguard.counter_store import count_start
 from gemmguard.errors import GemmguardError
+from gemmguard.headless import serve_metrics
+from gemmguard.serve_plan import ServePlan, plan_serve
 from gemmguard.vllm_adapter.serve_args import serve_parser
 
 
@@ -45,10 +47,9 @@ def _write_atomically(path: Path, text: str) -> None:
     partial.replace(path)  # the supervisor polls: it must never read half a file
 
 
-def _plan(argv: list[str]) -> list[str]:
-    """Plan the start as `gemmguard serve` does; the arguments vLLM's `serve` runs with."""
+def _plan(argv: list[str]) -> ServePlan:
+    """Plan the start as `gemmguard serve` does: the arguments vLLM's `serve` runs with."""
     from gemmguard.demo.store import ensure_demo_model
-    from gemmguard.serve_plan import plan_serve
 
     plan = plan_serve(argv)
     # vLLM's processes (engine core, workers) inherit this environment: plugins, settings.
@@ -64,21 +65,23 @@ def _plan(argv: list[str]) -> list[str]:
     plan_file = cfg.serve_plan_file
     if plan_file:
         _write_atomically(Path(plan_file), json.dumps(plan.handoff()))
-    return plan.serve_argv()
+    return plan
 
 
 def main(argv: list[str] | None = None) -> None:
     """Plan `gemmguard serve ARGV`, then run vLLM's OpenAI-compatible server with it."""
     argv = sys.argv[1:] if argv is None else argv
     try:
-        serve_argv = _plan(argv)
+        plan = _plan(argv)
     except GemmguardError as exc:
         sys.stderr.write(f"gemmguard serve: error: {exc}\n")
         raise SystemExit(2) from None
+    if plan.headless:  # no API server on this node: its pod's /metrics comes from here
+        serve_metrics(plan.host, plan.port, settings(plan.env).state_dir)
     vllm_adapter.cli_env_setup()()
     parser_cls = _one_line_error_parser(vllm_adapter.flexible_argument_parser())
     parser, command = serve_parser(parser_cls)  # the parser the plan was checked with
-    args = parser.parse_args(["serve", *serve_argv])
+    args = parser.parse_args(["serve", *plan.serve_argv()])
     vllm_adapter.configure_logging_from_args()(args)
     command.validate(args)
     command.cmd(args)

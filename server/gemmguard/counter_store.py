@@ -17,6 +17,7 @@ import fcntl
 import json
 import logging
 import os
+import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -31,6 +32,8 @@ TOTALS_FILE = "counters.json"
 CLAIM_FILE = "claim.lock"
 # Held briefly around every read-modify-write of TOTALS_FILE (which is replaced, not rewritten).
 WRITE_LOCK_FILE = "counters.lock"
+# When the directory was first used: the first start of the pod that holds it.
+CREATED_FILE = "created"
 
 Labels = tuple[str, ...]
 # Starts of the server with this directory, counted by the server process before vLLM starts
@@ -65,6 +68,26 @@ class CounterStore:
         if self._claim_fd is not None:
             os.close(self._claim_fd)
             self._claim_fd = None
+
+    def created(self) -> float:
+        """When this directory was first used (Unix seconds), recorded by its first caller.
+
+        The counters in it live as long as it does; a new time for the same pod name means the
+        pod, and with it every total here, was replaced (e.g. a LeaderWorkerSet group recreation).
+        """
+        path = self.directory / CREATED_FILE
+        with self._locked(fcntl.LOCK_EX):
+            try:
+                return float(path.read_text())
+            except FileNotFoundError:
+                pass
+            except (OSError, ValueError) as exc:
+                logger.warning("gemmguard: rewriting unreadable %s (%s)", path, exc)
+            now = time.time()
+            tmp = self.directory / f".{CREATED_FILE}.{os.getpid()}"
+            tmp.write_text(repr(now))
+            os.replace(tmp, path)
+            return now
 
     # --- totals -------------------------------------------------------------------------------
     def totals(self, name: str) -> dict[Labels, float]:

@@ -127,6 +127,37 @@ class SelfcheckMetrics:
                 ).set(float(bits))
 
 
+class PodStateMetrics:
+    """What a pod's state directory (GEMMGUARD_STATE_DIR) says of the pod's life: its server's
+    restarts, and when the directory, and so every persisted total, began. One definition for
+    the API server and for a headless worker node (`headless.py`)."""
+
+    def __init__(self, registry: CollectorRegistry | None, store: CounterStore | None) -> None:
+        self.server_restarts = PersistedCounter(
+            "gemmguard_server_restarts_total",
+            "Times the server came up again with the same GEMMGUARD_STATE_DIR (in the chart: "
+            "container restarts within one pod, after a crash during load or serving, an OOM "
+            "kill or a liveness kill). Starts over with the pod: see "
+            "gemmguard_state_created_timestamp_seconds.",
+            registry=registry, store=store,
+        )
+        # Only the first process to claim the directory restores (counter_store.py).
+        self.claimed = store is not None and store.claim()
+        if store is None:  # nothing persists: no creation time to tell of
+            return
+        _gauge(registry, "gemmguard_state_created_timestamp_seconds",
+               "When this pod's GEMMGUARD_STATE_DIR was first used (Unix seconds), so when the "
+               "persisted counters began. A new value under the same pod name means the pod "
+               "was replaced (a LeaderWorkerSet group recreation) and the counters started "
+               "over.").set(store.created())
+        if self.claimed:
+            self.server_restarts.restore()
+            # The server process counted this start before vLLM began (`count_start`), and
+            # so every earlier one, those that crashed while loading included.
+            if store.totals(STARTS).get((), 0.0) > 1:
+                self.server_restarts.inc()
+
+
 class Metrics:
     """The gemmguard metric families of one API-server process."""
 
@@ -189,19 +220,9 @@ class Metrics:
         )
         for reason in CANARY_REASONS:
             self.canary_failures.labels(reason)
-        self.server_restarts = PersistedCounter(
-            "gemmguard_server_restarts_total",
-            "Times the server came up again with the same GEMMGUARD_STATE_DIR (in the chart: "
-            "container restarts within one pod, after a crash, an OOM kill or a liveness kill).",
-            registry=registry, store=store,
-        )
-        if store is not None and store.claim():
+        self.pod_state = PodStateMetrics(registry, store)
+        if self.pod_state.claimed:
             self.canary_failures.restore()
-            self.server_restarts.restore()
-            # The server process counted this start before vLLM began (`count_start`), and
-            # so every earlier one, those that crashed while loading included.
-            if store.totals(STARTS).get((), 0.0) > 1:
-                self.server_restarts.inc()
 
     def publish_fixes(self, per_rank: Iterable[tuple[object, Iterable[Mapping[str, str]]]]
                       ) -> None:

@@ -44,6 +44,8 @@ class ServePlan:
     served_name: str
     demo_scheme: str | None = None
     notes: list[str] = field(default_factory=list)
+    # vLLM's --headless: a node of a multi-node replica that runs workers and no API server.
+    headless: bool = False
 
     @property
     def is_demo(self) -> bool:
@@ -239,7 +241,8 @@ def plan_serve(argv: list[str], environ: dict[str, str] | None = None) -> ServeP
     if opts.no_canary:
         env[PREFIX + "CANARY_INTERVAL"] = "0"
     demo_scheme = opts.demo_scheme if is_demo else None
-    return ServePlan(model, vllm_args, env, host, port, served_name, demo_scheme, notes)
+    return ServePlan(model, vllm_args, env, host, port, served_name, demo_scheme, notes,
+                     headless=bool(getattr(vllm_opts, "headless", False)))
 
 
 def engine_env(environ: dict[str, str], deny_kernels: list[str]) -> dict[str, str]:

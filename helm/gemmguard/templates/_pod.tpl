@@ -3,7 +3,7 @@ gemmguard.podSpec: the pod spec shared by the Deployment and both LeaderWorkerSe
 Call with (dict "root" $ "role" ROLE); ROLE is "server" (Deployment), "leader" or "worker" (multi-node).
 Every role runs `gemmguard serve` with the same arguments and environment, so each node's vLLM processes
 (workers included) see the same gemmguard settings: the leader as node rank 0 with the API server, the
-workers `--headless` (no API port, no probes) with their LWS worker index as node rank.
+workers `--headless` (no API: /metrics alone on the port; no probes) with their LWS worker index as node rank.
 */}}
 {{- define "gemmguard.podSpec" -}}
 {{- $root := .root }}
@@ -28,12 +28,12 @@ containers:
     command: ["gemmguard", "serve"]
     args:
       {{- include "gemmguard.serveArgs" (dict "root" $root "role" $role) | trim | nindent 6 }}
-    {{- if ne $role "worker" }}
+    # Every role: the API and /metrics on the leader (or the Deployment's pod); on a headless
+    # worker, /metrics alone (its node's build, restarts, and the refusal linger).
     ports:
       - name: http
         containerPort: {{ $values.engine.port }}
         protocol: TCP
-    {{- end }}
     env:
       {{- include "gemmguard.env" $root | trim | nindent 6 }}
       {{- if eq $role "worker" }}
