@@ -10,7 +10,7 @@ from compressed_tensors.compressors import NVFP4PackedCompressor, PackedQuantiza
 
 from gemmguard.selfcheck import reference, sample, schemes
 from gemmguard.selfcheck.schemes import Activation, Unchecked
-from test_selfcheck_schemes import INTER, Layer, _experts, _stack
+from test_selfcheck_schemes import INTER, Layer, _ct, _experts, _mp_config, _stack, _weight
 
 H = 256
 
@@ -80,3 +80,28 @@ def test_moe_rows_cover_every_block_and_at_least_64_rows() -> None:
     rows = sample.spread_rows(4096, 64)
     assert len(rows) >= 64 and len(set(rows.tolist())) == len(rows)
     assert set((rows // 128).tolist()) == set(range(32))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_a_packed_4_bit_layer_is_checked_in_the_models_dtype(dtype: torch.dtype) -> None:
+    # Found on an H100: Exllama takes fp16 only; fed bf16 activations (the old default for a
+    # packed weight, which has no float dtype) it read them as fp16 and every layer read broken
+    # (excess ~40 bit). vLLM's LinearBase keeps the model's dtype as `params_dtype`.
+    from compressed_tensors.compressors import PackedQuantizationCompressor
+
+    tensors, _ = _ct(_weight(), "W4A16", PackedQuantizationCompressor, dtype)
+    kernel = SimpleNamespace(config=_mp_config(4, 128, False))
+    layer = Layer(input_size_per_partition=tensors["weight_packed"].shape[1] * 8,
+                  params_dtype=dtype, **tensors)
+    taken = sample.capture_linear("proj", layer, kernel, "w4a16-g128")
+    assert taken.out_dtype == dtype
+
+
+def test_experts_take_vllms_moe_input_dtype() -> None:
+    w13, _ = _experts("W4A16", PackedQuantizationCompressor, 2 * INTER, H, 10)
+    w2, _ = _experts("W4A16", PackedQuantizationCompressor, H, INTER, 20)
+    method = SimpleNamespace(num_bits=4, group_size=128, wna16_backend="CPU")
+    layer = Layer(quant_method=method, hidden_size=H, intermediate_size_per_partition=INTER,
+                  top_k=2, moe_config=SimpleNamespace(in_dtype=torch.float16),
+                  **_stack(w13, "w13"), **_stack(w2, "w2"))
+    assert sample.capture_moe("mlp.experts", layer).out_dtype == torch.float16

@@ -30,6 +30,11 @@ from vllm.model_executor.kernels.linear.mxfp8.Mxfp8LinearKernel import Mxfp8Line
 from vllm.model_executor.kernels.linear.nvfp4.base import NvFp4LinearLayerConfig
 from vllm.model_executor.kernels.linear.nvfp4.cutlass import CutlassNvFp4LinearKernel
 from vllm.model_executor.kernels.linear.nvfp4.marlin import MarlinNvFp4LinearKernel
+from vllm.model_executor.kernels.linear.scaled_mm.cutlass import CutlassFp8BlockScaledMMKernel
+from vllm.model_executor.kernels.linear.scaled_mm.marlin import MarlinFP8ScaledMMLinearKernel
+from vllm.model_executor.kernels.linear.scaled_mm.ScaledMMLinearKernel import (
+    FP8ScaledMMLinearLayerConfig,
+)
 from vllm.model_executor.layers.quantization.utils import quant_utils
 from vllm.model_executor.layers.quantization.utils.mxfp8_utils import (
     _mxfp8_e4m3_quantize_torch,
@@ -561,3 +566,28 @@ def test_experts_with_biases_are_unchecked() -> None:
                   w13_bias=torch.zeros(E, 2 * INTER), **_stack(parts, "w13"))
     with pytest.raises(Unchecked, match="biases"):
         schemes.moe_format(schemes.moe_scheme(layer), layer).w13(layer, 0)
+
+
+# --- FP8 on weight-only Marlin -------------------------------------------------------------------
+
+
+def test_weight_only_fp8_marlin_is_checked_as_a16_although_the_scheme_quantizes_activations(
+        ) -> None:
+    # On an H100 (vLLM 0.26) FP8-block Marlin's outputs equal bf16(x @ bf(q·bf16(s))) bit for
+    # bit: the activations stay bf16. With the scheme's FP8 activations in the ideal the kernel
+    # read 2.8 bit *better* than ideal, hiding any loss below that.
+    config = FP8ScaledMMLinearLayerConfig(
+        weight_quant_key=quant_utils.kFp8Static128BlockSym,
+        activation_quant_key=quant_utils.kFp8Dynamic128Sym,
+        weight_shape=(N, K), input_dtype=torch.bfloat16, out_dtype=torch.bfloat16)
+    fmt = schemes.ScaledFormat("fp8", (128, 128))
+    layer = Layer()
+    marlin = _kernel(MarlinFP8ScaledMMLinearKernel, config)
+    marlin.marlin_input_dtype = None
+    assert fmt.activation(layer, marlin) == schemes.NO_ACTIVATION_QUANT
+    # The same config on a kernel that quantizes activations keeps the scheme's 1×128 groups.
+    cutlass = _kernel(CutlassFp8BlockScaledMMKernel, config)
+    assert fmt.activation(layer, cutlass) == Activation("group", size=128, fmt="fp8")
+    # A Marlin set up for 8-bit inputs (which vLLM refuses today) would quantize them.
+    marlin.marlin_input_dtype = torch.float8_e4m3fn
+    assert fmt.activation(layer, marlin) == Activation("group", size=128, fmt="fp8")

@@ -46,6 +46,11 @@ KNOWN: dict[str, tuple[str, str, str]] = {
                               "activation scales"),
     "dense-w4a8fp8-cutlass": ("loss", "quantized", "CUTLASS W4A8 squeezes the checkpoint's bf16 "
                               "group scales into fp8 and stores each q·s rounded to fp8"),
+    "dense-fp8block-marlin": ("loss", "quantized", "weight-only FP8 Marlin (vLLM's FP8 path on "
+                              "GPUs without FP8 MMA, e.g. Ampere) casts the fp32 block scales "
+                              "to bf16 before dequantizing: bf(q·bf16(s)) "
+                              "(marlin_utils_fp8.py); its outputs equal that emulation bit for "
+                              "bit on an H100"),
     "moe-w4a16-marlin": ("fault", "moe", "MarlinExperts returns wrong outputs (every expert "
                          "broken, 0.94 correlated, 2.8× the norm) when the experts' MLP width "
                          "equals the int4 group size (128: one group along the down "

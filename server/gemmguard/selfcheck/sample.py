@@ -91,9 +91,11 @@ def spread_rows(n_rows: int, at_least: int) -> torch.Tensor:
 
 
 def _out_dtype(module: Any, weight: Any) -> torch.dtype:
-    orig = layer.original_dtype(module)
-    if orig is not None:
-        return orig
+    """The activation (and output) dtype the kernel runs with: vLLM's record of it, else a
+    floating weight's dtype, else bf16 (a layer outside an engine)."""
+    recorded = layer.activation_dtype(module)
+    if recorded is not None:
+        return recorded
     if isinstance(weight, torch.Tensor) and weight.dtype in (torch.bfloat16, torch.float16,
                                                              torch.float32):
         return weight.dtype

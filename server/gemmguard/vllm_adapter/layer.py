@@ -329,6 +329,39 @@ def original_dtype(module: Any) -> torch.dtype | None:
     return orig if isinstance(orig, torch.dtype) else None
 
 
+def activation_dtype(module: Any) -> torch.dtype | None:
+    """The dtype of the activations vLLM gives the layer, or None where vLLM did not record it.
+
+    `orig_dtype` (Fp8 and ModelOpt methods), else a MoE layer's `moe_config.in_dtype` (the
+    model's dtype: vLLM's own choice for experts), else a linear layer's `params_dtype` (the
+    model's dtype unless the model asked otherwise). A packed 4-bit weight says nothing of it:
+    a kernel that takes fp16 only (Exllama) would read bf16 activations as garbage.
+    """
+    orig = original_dtype(module)
+    if orig is not None:
+        return orig
+    moe_config = getattr(module, "moe_config", None)
+    for dtype in (getattr(moe_config, "in_dtype", None), getattr(module, "params_dtype", None)):
+        if isinstance(dtype, torch.dtype) and dtype.is_floating_point:
+            return dtype
+    return None
+
+
+def marlin_weight_only(kernel: Any) -> bool:
+    """Whether an FP8 kernel runs as weight-only Marlin: 16-bit activations against fp8 weights,
+    whatever the layer's scheme says of activations.
+
+    vLLM's `MarlinFP8ScaledMMLinearKernel` (and older methods' `use_marlin`) keeps
+    `marlin_input_dtype`: None (or 16-bit) means the activations are not quantized
+    (`apply_fp8_marlin_linear` refuses an 8-bit one: "Marlin W8A8 is not supported").
+    """
+    if not hasattr(kernel, "marlin_input_dtype"):
+        return False
+    marlin = getattr(kernel, "use_marlin", False) is True or "Marlin" in type(kernel).__name__
+    dtype = kernel.marlin_input_dtype
+    return marlin and (dtype is None or (isinstance(dtype, torch.dtype) and dtype.itemsize >= 2))
+
+
 def is_transposed(value: torch.Tensor) -> bool:
     """Whether vLLM marked a packed expert tensor as stored K-first (`is_transposed`)."""
     return bool(getattr(value, "is_transposed", False))
