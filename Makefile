@@ -8,7 +8,7 @@ PIP_INSTALL := $(PIP) install --find-links /opt/wheels -c constraints/cpu.txt
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: demo test install install-dev tools image lint bench clean
+.PHONY: demo test test-fast install install-dev tools image lint bench clean
 
 $(VENV)/.installed: pyproject.toml constraints/cpu.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -46,6 +46,12 @@ test: install-dev tools
 	$(VENV)/bin/ruff check server tests benchmarks scripts
 	$(VENV)/bin/mypy
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m pytest
+
+# The inner loop: every test that starts no engine (not marked e2e), lint and types included.
+test-fast: install-dev tools
+	$(VENV)/bin/ruff check server tests benchmarks scripts
+	$(VENV)/bin/mypy
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m pytest -m "not e2e"
 
 lint: install-dev
 	$(VENV)/bin/ruff check server tests benchmarks scripts

@@ -120,3 +120,38 @@ def test_offline_exit_code_follows_the_unchecked_policy() -> None:
     assert exit_code(Outcome("warn", [_rank("pass", "unchecked")], "warn")) == 1
     assert exit_code(Outcome("warn", [_rank("pass", "unchecked")], "allow")) == 0
     assert exit_code(Outcome("fallback", [_rank("unchecked", refusal="unchecked")], "fail")) == 3
+
+
+def test_an_e8m0_requantization_is_cured_by_turning_deepgemm_off_not_by_denying_the_kernel(
+        ) -> None:
+    # The H200 run (docs/gpu-proof-moe.md): with DeepGEMM on, vLLM re-quantizes FP8 block
+    # experts to E8M0 and TritonExperts then loses 0.7 bit; --deny-kernel TritonExperts only
+    # moves the same re-quantized weights to another experts class.
+    rank = _rank("pass", "degraded", "broken")
+    rank["requant"] = "e8m0"
+    rank["layers"][1].update(layer_type="moe", kernel="TritonExperts")
+    rank["layers"][2].update(scheme="w4a16-g128", kernel="MacheteLinearKernel")
+    outcome = Outcome("fallback", [rank])
+    assert outcome.cure() == {"env": {"VLLM_USE_DEEP_GEMM": "0"},
+                              "options": ["--deny-kernel", "MacheteLinearKernel"]}
+    assert outcome.offending_kernels() == ["MacheteLinearKernel"]
+    text = summary(outcome)
+    assert ("Avoid these kernels with: VLLM_USE_DEEP_GEMM=0 gemmguard serve … "
+            "--deny-kernel MacheteLinearKernel") in text
+    assert "--deny-kernel TritonExperts" not in text
+    assert outcome.as_dict()["cure"]["env"] == {"VLLM_USE_DEEP_GEMM": "0"}
+
+
+def test_without_a_requantization_every_failing_kernel_is_denied() -> None:
+    for requant in ("", None):
+        rank = _rank("pass", "degraded")
+        rank["requant"] = requant
+        outcome = Outcome("fallback", [rank])
+        assert outcome.cure() == {"env": {}, "options": [
+            "--deny-kernel", "K", "--deny-kernel", "A", "--deny-kernel", "B"]}
+        assert "VLLM_USE_DEEP_GEMM" not in summary(outcome)
+    # Only a rank that re-quantized gets the cure: another rank's failing layer is its kernel's.
+    e8m0, other = _rank("degraded"), _rank("degraded")
+    e8m0["requant"] = "e8m0"
+    cure = Outcome("fallback", [e8m0, {**other, "rank": 1}]).cure()
+    assert cure["env"] == {"VLLM_USE_DEEP_GEMM": "0"} and "K" in cure["options"]

@@ -37,6 +37,7 @@ from gemmguard.kernels.portable_fp8_block import PORTABLE_KERNEL_NAMES
 from gemmguard.selfcheck import measure, recording, replacement, sample, schemes
 from gemmguard.selfcheck.coverage import Coverage, reconcile
 from gemmguard.selfcheck.measure import FAILING, LayerResult
+from gemmguard.vllm_adapter import fixes as vllm_fixes
 from gemmguard.vllm_adapter import layer as vllm_layer
 from gemmguard.vllm_adapter import moe as vllm_moe
 
@@ -85,12 +86,16 @@ class RankCheck:
     recorder: recording.Recorder | None = None
     # The GEMM-owning modules of the model, reconciled with the rows (selfcheck.coverage).
     coverage: Coverage = field(default_factory=Coverage)
+    # How vLLM re-quantized the weights at load, whatever kernel then runs them: "e8m0" (FP8
+    # block scales to powers of two, with DeepGEMM on), else "". The refusal's advice reads it.
+    requant: str = ""
 
     def start(self, model: torch.nn.Module) -> None:
         """Begin the check of a newly loaded model (results of an earlier load dropped)."""
         self.layers.clear()
         self.seconds, self.sample_bytes, self.phases = 0.0, 0, {}
         self.model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        self.requant = "e8m0" if vllm_fixes.deep_gemm_e8m0_used() else ""
 
     def as_dict(self, rank: int) -> dict[str, Any]:
         return {"rank": rank, "seconds": round(self.seconds, 4),
@@ -98,6 +103,7 @@ class RankCheck:
                 "sample_bytes": self.sample_bytes, "model_bytes": self.model_bytes,
                 **self.coverage.as_dict(),
                 "refusal": self.refusal, "compile_cache_key": self.compile_key,
+                "requant": self.requant,
                 "layers": [r.as_dict() for r in self.layers]}
 
 

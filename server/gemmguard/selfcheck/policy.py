@@ -99,16 +99,42 @@ class Outcome:
                 found.append((str(layer["kernel"]), str(layer["verdict"])))
         return found
 
+    def _failing_by_cure(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """Failing layers whose loss vLLM made at load (FP8 block scales re-quantized to E8M0:
+        whichever kernel runs them loses it), and the others (their kernel loses it)."""
+        requantized: list[dict[str, Any]] = []
+        others: list[dict[str, Any]] = []
+        for rank in self.ranks:
+            for layer in rank["layers"]:
+                if layer["verdict"] not in FAILING:
+                    continue
+                e8m0 = rank.get("requant") == "e8m0" and layer["scheme"] == "fp8-block"
+                (requantized if e8m0 else others).append(layer)
+        return requantized, others
+
     def offending_kernels(self) -> list[str]:
-        """Kernel classes still failing, as --deny-kernel takes them (a dispatcher with parts)."""
+        """Kernel classes still failing, as --deny-kernel takes them (a dispatcher with parts);
+        not those of layers whose loss was vLLM's E8M0 re-quantization: denying their kernel
+        does not undo it (`cure`)."""
         names: list[str] = []
-        for layer in self.layers:
-            if layer["verdict"] in FAILING:
-                kernel = layer["kernel"]
-                names.append(kernel.split("[")[0])
-                if "[" in kernel:
-                    names.extend(kernel[kernel.index("[") + 1:].rstrip("]").split("|"))
+        for layer in self._failing_by_cure()[1]:
+            kernel = layer["kernel"]
+            names.append(kernel.split("[")[0])
+            if "[" in kernel:
+                names.extend(kernel[kernel.index("[") + 1:].rstrip("]").split("|"))
         return list(dict.fromkeys(names))
+
+    def cure(self) -> dict[str, Any]:
+        """What removes every failing path: environment settings and `gemmguard serve` options.
+
+        E8M0: vLLM re-quantizes FP8 block weights to power-of-two scales for every consumer
+        when DeepGEMM is on (measured: TritonExperts then loses 0.7 bit, docs/gpu-proof-moe.md);
+        `VLLM_USE_DEEP_GEMM=0` turns that off. Every other failing kernel: --deny-kernel.
+        """
+        requantized, _ = self._failing_by_cure()
+        env = {"VLLM_USE_DEEP_GEMM": "0"} if requantized else {}
+        options = [arg for name in self.offending_kernels() for arg in ("--deny-kernel", name)]
+        return {"env": env, "options": options}
 
     def seconds(self) -> float:
         return max((rank["seconds"] for rank in self.ranks), default=0.0)
@@ -131,6 +157,7 @@ class Outcome:
             "sample_fraction": sample / weights if weights else 0.0,
             "replacements": self.replacements(),
             "offending_kernels": self.offending_kernels(),
+            "cure": self.cure(),
             "unchecked": [{"layer": layer["layer"], "reason": layer["reason"]}
                           for layer in self.layers if layer["verdict"] == "unchecked"],
             "summary": summary(self),
@@ -199,9 +226,15 @@ def summary(outcome: Outcome) -> str:
                      f"--selfcheck-unchecked {outcome.unchecked_policy} (fail refuses).")
     if outcome.refusal:
         lines.append(f"  Refused: {outcome.refusal}.")
-    if outcome.offending_kernels():
-        options = " ".join(f"--deny-kernel {name}" for name in outcome.offending_kernels())
-        lines.append(f"  Avoid these kernels with: gemmguard serve … {options}")
+    cure = outcome.cure()
+    if cure["env"]:
+        lines.append("  vLLM re-quantized FP8 block weights to E8M0 (power-of-two) scales at load, "
+                     "for every kernel: turn that off with VLLM_USE_DEEP_GEMM=0 (in the chart: "
+                     "engine.env).")
+    if cure["env"] or cure["options"]:
+        env = "".join(f"{key}={value} " for key, value in cure["env"].items())
+        lines.append(f"  Avoid these kernels with: {env}gemmguard serve … "
+                     f"{' '.join(cure['options'])}".rstrip())
     return "\n".join(lines)
 
 

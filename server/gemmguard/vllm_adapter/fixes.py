@@ -118,6 +118,16 @@ def has_deep_gemm() -> bool:
     return bool(vllm_has_deep_gemm())
 
 
+def deep_gemm_e8m0_used() -> bool:
+    """Whether vLLM re-quantizes FP8 block scales to E8M0 at load (`is_deep_gemm_e8m0_used`:
+    DeepGEMM on with E8M0 scales), for every consumer of the weights, DeepGEMM or not.
+    False where vLLM cannot tell (no such function, or it fails)."""
+    try:
+        return bool(deep_gemm_module().is_deep_gemm_e8m0_used())
+    except Exception:  # an older or newer vLLM without it, or a platform probe that fails
+        return False
+
+
 def fp8_moe_oracle() -> Any:
     return importlib.import_module("vllm.model_executor.layers.fused_moe.oracle.fp8")
 
