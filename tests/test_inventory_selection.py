@@ -7,7 +7,9 @@ from types import SimpleNamespace
 
 import pytest
 
+from gemmguard import ledger, vllm_adapter
 from gemmguard.inventory import selection
+from gemmguard.vllm_adapter import moe
 
 
 class _Kernel:
@@ -122,3 +124,20 @@ def test_moe_checks_are_recorded_per_config_and_denials_answered_without_asking(
     selection.check_moe_candidate(slow, first, lambda: (True, None))
     again = selection.selection_for_moe_config(first)
     assert again is not None and [a.kernel for a in again.attempts] == ["SlowExperts"]
+
+
+def test_a_vllm_without_moe_oracles_is_said_not_to_have_the_moe_hook(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # A vLLM whose MoE oracles moved: the linear choosers still wrap, the MoE hook is logged
+    # and listed as missing (build info, gemmguard_hook_missing), not silently skipped.
+    chooser = SimpleNamespace(is_supported_and_can_implement_kernel=lambda *a: (True, None),
+                              choose_scaled_mm_linear_kernel=lambda *a: None)
+    monkeypatch.setattr(selection, "_INSTALLED", False)
+    monkeypatch.setattr(ledger, "_MISSING", {})
+    monkeypatch.setattr(vllm_adapter, "linear_kernels_module", lambda: chooser)
+    monkeypatch.setattr(vllm_adapter, "unquantized_cpu_dispatch_module", SimpleNamespace)
+    monkeypatch.setattr(moe, "check_moe_candidates", lambda check: False)
+    selection.install()
+    assert "kernel-selection-capture:moe" in ledger.missing()
+    assert "--deny-kernel does not reach experts" in ledger.missing()[
+        "kernel-selection-capture:moe"]

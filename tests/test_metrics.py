@@ -71,3 +71,18 @@ def test_only_the_first_api_server_counts_fallbacks() -> None:
     down = [{"kernel": "First", "reason": "r", "accepted": False}]
     Metrics(registry).publish_kernels([_row("a", "K", down)], count_fallbacks=False)
     assert "gemmguard_kernel_fallback_total" not in _parse(registry)
+
+
+def test_build_info_says_how_vllm_was_verified_and_each_hook_that_did_not_attach() -> None:
+    registry = CollectorRegistry()
+    metrics = Metrics(registry)
+    info = {"version": "0.1.0", "vllm_version": "0.35.0", "vllm_verified": "none",
+            "torch_version": "2.13.0", "platform": "cuda", "device": "H100"}
+    metrics.publish_build([
+        {**info, "rank": 0, "hooks_missing": "kernel-selection-capture:moe,selfcheck-at-load"},
+        {**info, "rank": 1, "hooks_missing": ""}])
+    assert registry.get_sample_value("gemmguard_build_info", {
+        **info, "rank": "0"}) == 1
+    missing = {(s.labels["hook"], s.labels["rank"]) for f in registry.collect()
+               if f.name == "gemmguard_hook_missing" for s in f.samples}
+    assert missing == {("kernel-selection-capture:moe", "0"), ("selfcheck-at-load", "0")}

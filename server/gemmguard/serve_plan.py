@@ -200,7 +200,7 @@ def plan_serve(argv: list[str], environ: dict[str, str] | None = None) -> ServeP
     env = dict(os.environ if environ is None else environ)
     cfg = settings(env)
     is_demo = model is None
-    notes: list[str] = []
+    notes: list[str] = [note] if (note := vllm_note()) else []
     if model is None:
         model = str(demo_model_path(cfg.cache_dir, opts.demo_scheme))
         notes.append(f"Serving the {opts.demo_scheme} demo model from {model}.")
@@ -243,6 +243,22 @@ def plan_serve(argv: list[str], environ: dict[str, str] | None = None) -> ServeP
     demo_scheme = opts.demo_scheme if is_demo else None
     return ServePlan(model, vllm_args, env, host, port, served_name, demo_scheme, notes,
                      headless=bool(getattr(vllm_opts, "headless", False)))
+
+
+def vllm_note() -> str:
+    """What to say at start when the installed vLLM is not one gemmguard ran on."""
+    how = vllm_adapter.vllm_verification()
+    if how == "run":
+        return ""
+    installed = (f"{vllm_adapter.installed_vllm_distribution()} "
+                 f"{vllm_adapter.installed_vllm_version()}")
+    if how == "source":
+        return (f"{installed} was verified from its source only (every target gemmguard's "
+                "adapter names exists); nothing has run on it yet.")
+    return (f"{installed} is not a vLLM gemmguard was verified on "
+            f"({vllm_adapter.verified_vllm_text()}). A hook that does not fit is logged and "
+            "shown on /gemmguard/v1/build (hooks_missing) and as gemmguard_hook_missing; layers "
+            "the self-check cannot reach are reported unchecked.")
 
 
 def engine_env(environ: dict[str, str], deny_kernels: list[str]) -> dict[str, str]:

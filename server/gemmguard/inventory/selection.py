@@ -133,7 +133,11 @@ def install(deny: tuple[str, ...] = ()) -> None:
         )
     from gemmguard.vllm_adapter import moe
 
-    moe.check_moe_candidates(check_moe_candidate)
+    if not moe.check_moe_candidates(check_moe_candidate):
+        ledger.record_missing(
+            "kernel-selection-capture:moe", "vLLM has no MoE oracle module where gemmguard "
+            "looks (fused_moe.oracle): MoE experts' turned-down candidates are not recorded "
+            "and --deny-kernel does not reach experts classes")
     ledger.record(SELECTION_PATCH)
 
 

