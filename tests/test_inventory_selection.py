@@ -141,3 +141,17 @@ def test_a_vllm_without_moe_oracles_is_said_not_to_have_the_moe_hook(
     assert "kernel-selection-capture:moe" in ledger.missing()
     assert "--deny-kernel does not reach experts" in ledger.missing()[
         "kernel-selection-capture:moe"]
+
+
+def test_a_cpu_build_without_the_unquantized_dispatch_says_so(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    chooser = SimpleNamespace(is_supported_and_can_implement_kernel=lambda *a: (True, None),
+                              choose_scaled_mm_linear_kernel=lambda *a: None)
+    monkeypatch.setattr(selection, "_INSTALLED", False)
+    monkeypatch.setattr(ledger, "_MISSING", {})
+    monkeypatch.setattr(vllm_adapter, "linear_kernels_module", lambda: chooser)
+    monkeypatch.setattr(vllm_adapter, "unquantized_cpu_dispatch_module", SimpleNamespace)
+    monkeypatch.setattr(vllm_adapter, "is_cpu_build", lambda: True)
+    monkeypatch.setattr(moe, "check_moe_candidates", lambda check: True)
+    selection.install()
+    assert list(ledger.missing()) == ["kernel-selection-capture:cpu-dispatch"]

@@ -131,6 +131,11 @@ def install(deny: tuple[str, ...] = ()) -> None:
         utils.dispatch_cpu_unquantized_gemm = _wrap_cpu_dispatch(
             utils.dispatch_cpu_unquantized_gemm
         )
+    elif vllm_adapter.is_cpu_build():
+        ledger.record_missing(
+            "kernel-selection-capture:cpu-dispatch", "vLLM's CPU build has no "
+            "dispatch_cpu_unquantized_gemm where gemmguard looks: the kernel of unquantized "
+            "layers on CPU (oneDNN or torch linear) is not named")
     from gemmguard.vllm_adapter import moe
 
     if not moe.check_moe_candidates(check_moe_candidate):
