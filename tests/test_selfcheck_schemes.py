@@ -591,3 +591,6 @@ def test_weight_only_fp8_marlin_is_checked_as_a16_although_the_scheme_quantizes_
     # A Marlin set up for 8-bit inputs (which vLLM refuses today) would quantize them.
     marlin.marlin_input_dtype = torch.float8_e4m3fn
     assert fmt.activation(layer, marlin) == Activation("group", size=128, fmt="fp8")
+    # vLLM 0.34 dropped the attribute: its Marlin FP8 is weight-only, always.
+    del marlin.marlin_input_dtype
+    assert fmt.activation(layer, marlin) == schemes.NO_ACTIVATION_QUANT

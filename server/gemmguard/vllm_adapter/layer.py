@@ -351,15 +351,16 @@ def marlin_weight_only(kernel: Any) -> bool:
     """Whether an FP8 kernel runs as weight-only Marlin: 16-bit activations against fp8 weights,
     whatever the layer's scheme says of activations.
 
-    vLLM's `MarlinFP8ScaledMMLinearKernel` (and older methods' `use_marlin`) keeps
-    `marlin_input_dtype`: None (or 16-bit) means the activations are not quantized
-    (`apply_fp8_marlin_linear` refuses an 8-bit one: "Marlin W8A8 is not supported").
+    vLLM's `MarlinFP8ScaledMMLinearKernel` (and older methods' `use_marlin`). In 0.26–0.33 it
+    keeps `marlin_input_dtype`: None (or 16-bit) means the activations are not quantized
+    (`apply_fp8_marlin_linear` refuses an 8-bit one: "Marlin W8A8 is not supported"); 0.34
+    dropped the attribute and the option: always weight-only (docs/vllm-0.34-fix-audit.md).
     """
-    if not hasattr(kernel, "marlin_input_dtype"):
-        return False
     marlin = getattr(kernel, "use_marlin", False) is True or "Marlin" in type(kernel).__name__
-    dtype = kernel.marlin_input_dtype
-    return marlin and (dtype is None or (isinstance(dtype, torch.dtype) and dtype.itemsize >= 2))
+    if not marlin:
+        return False
+    dtype = getattr(kernel, "marlin_input_dtype", None)
+    return dtype is None or (isinstance(dtype, torch.dtype) and dtype.itemsize >= 2)
 
 
 def is_transposed(value: torch.Tensor) -> bool:
