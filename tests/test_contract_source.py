@@ -21,7 +21,7 @@ contract = importlib.util.module_from_spec(spec)
 sys.modules["contract_source"] = contract  # dataclasses look their module up by name
 spec.loader.exec_module(contract)
 
-# The vLLM of the lent GPU's bundle (../shared/gpu/README.md: 0.26.0 matches its torch), and
+# The vLLM the lent GPU runs (0.26.0 matches its torch; docs/design.md, versions), and
 # the one the CUDA and ROCm images install (the `cuda` extra, as the Dockerfiles pin it).
 GPU_VLLM = "0.26.0"
 IMAGES_VLLM = next(re.sub(r"^vllm==", "", pin) for pin in tomllib.loads(

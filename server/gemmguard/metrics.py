@@ -1,4 +1,4 @@
-"""gemmguard's series on vLLM's own /metrics (names: ../shared/DESIGN.md, "The contract").
+"""gemmguard's series on vLLM's own /metrics (names: docs/design.md, "The contract").
 
 The API server publishes what it gathered from the workers. Gauges use
 `multiprocess_mode="mostrecent"` so that with several API servers (vLLM's Prometheus
