@@ -146,3 +146,17 @@ def test_verdict_thresholds() -> None:
     # Too few outputs to tell a fraction of a bit: only broken counts.
     assert measure.verdict(6.0, 0.3, 0.01, enough_values=False) == "pass"
     assert measure.verdict(1.5, 0.3, 0.01, enough_values=False) == "broken"
+
+
+def test_activations_are_drawn_once_per_shape_and_each_caller_gets_its_own() -> None:
+    # Layers of one shape share one draw (an 8B model: 4 shapes, 32 layers each); what a caller
+    # gets is its own: a kernel that writes into its input changes nothing for the next layer.
+    measure.forget_activations()
+    first = measure.activations(16, 256, torch.bfloat16, 3)
+    first.mul_(0)
+    again = measure.activations(16, 256, torch.bfloat16, 3)
+    assert again.abs().sum() > 0
+    assert measure._drawn.cache_info().misses == 1 and measure._drawn.cache_info().hits == 1
+    measure.forget_activations()
+    fresh = measure.activations(16, 256, torch.bfloat16, 3)
+    assert torch.equal(fresh, again)  # the same seeded values, drawn again

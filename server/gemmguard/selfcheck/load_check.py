@@ -537,6 +537,7 @@ def key_compile_cache(check: RankCheck) -> str | None:
 
 def finish(check: RankCheck, rank: int) -> None:
     """Log the rank's summary; refuse start-up (SelfcheckFailed) when the policy says so."""
+    measure.forget_activations()  # every layer is checked: the shared inputs go
     counts = verdict_counts(check.layers)
     replaced = sum(1 for r in check.layers if r.replacement and r.replacement.get("kernel"))
     line = (f"gemmguard self-check (rank {rank}): {counts['pass']} pass, {counts['degraded']} "
