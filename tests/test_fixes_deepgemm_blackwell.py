@@ -75,7 +75,10 @@ def moe_backend(monkeypatch: pytest.MonkeyPatch, model_type: str) -> Any:
     model(monkeypatch, model_type)
     parallel = types.SimpleNamespace(use_batched_activation_format=False,
                                      use_deepep_v2_kernels=False, ep_size=1)
-    config = types.SimpleNamespace(moe_backend="auto", moe_parallel_config=parallel)
+    # Standard activations where each version asks (0.34: the MoE config's activation_format).
+    config = types.SimpleNamespace(moe_backend="auto", moe_parallel_config=parallel,
+                                   use_batched_activation_format=False,
+                                   activation_format=types.SimpleNamespace(is_batched=False))
     return oracle.select_fp8_moe_backend(config, *engine.fp8_moe_keys())[0]
 
 

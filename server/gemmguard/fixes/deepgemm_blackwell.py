@@ -94,10 +94,21 @@ def _moe_choice(model_type: str, platform: Any) -> Any:
         overrides["_get_priority_backends"] = probe.with_closure(
             probe.with_globals(priority, {"_drops_deep_gemm": lambda: excluded}),
             {"original": _pred(priority.__wrapped__, platform)})
+    oracle_cls = glob.get("Fp8MoEKernelOracle")
+    if isinstance(oracle_cls, type):
+        # 0.34: the kernel classes come through an oracle object whose methods read their own
+        # module's `backend_to_kernel_cls`: give the probe's classes to a subclass instead.
+        overrides["Fp8MoEKernelOracle"] = type(
+            "ProbeFp8MoEKernelOracle", (oracle_cls,),
+            {"backend_to_kernel_cls": lambda self, b: kernel_cls(b)})
     parallel = types.SimpleNamespace(
         use_batched_activation_format=False, use_deepep_v2_kernels=False, ep_size=1
     )
-    moe_config = types.SimpleNamespace(moe_backend="auto", moe_parallel_config=parallel)
+    # Standard (not batched) activations, where each version asks: the parallel config
+    # (≤ 0.33), the MoE config itself (0.34: `activation_format.is_batched`).
+    moe_config = types.SimpleNamespace(
+        moe_backend="auto", moe_parallel_config=parallel, use_batched_activation_format=False,
+        activation_format=types.SimpleNamespace(is_batched=False))
     return probe.with_globals(select, overrides)(moe_config, *engine.fp8_moe_keys())[0]
 
 
