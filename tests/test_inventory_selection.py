@@ -126,17 +126,24 @@ def test_moe_checks_are_recorded_per_config_and_denials_answered_without_asking(
     assert again is not None and [a.kernel for a in again.attempts] == ["SlowExperts"]
 
 
-def test_a_vllm_without_moe_oracles_is_said_not_to_have_the_moe_hook(
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    # A vLLM whose MoE oracles moved: the linear choosers still wrap, the MoE hook is logged
-    # and listed as missing (build info, gemmguard_hook_missing), not silently skipped.
+@pytest.fixture
+def bare_vllm(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    """A vLLM with its linear choosers and nothing else where gemmguard looks: install() runs
+    afresh against it, with an empty list of missing hooks."""
     chooser = SimpleNamespace(is_supported_and_can_implement_kernel=lambda *a: (True, None),
                               choose_scaled_mm_linear_kernel=lambda *a: None)
     monkeypatch.setattr(selection, "_INSTALLED", False)
     monkeypatch.setattr(ledger, "_MISSING", {})
     monkeypatch.setattr(vllm_adapter, "linear_kernels_module", lambda: chooser)
     monkeypatch.setattr(vllm_adapter, "unquantized_cpu_dispatch_module", SimpleNamespace)
-    monkeypatch.setattr(moe, "check_moe_candidates", lambda check: False)
+    return monkeypatch
+
+
+def test_a_vllm_without_moe_oracles_is_said_not_to_have_the_moe_hook(
+        bare_vllm: pytest.MonkeyPatch) -> None:
+    # A vLLM whose MoE oracles moved: the linear choosers still wrap, the MoE hook is logged
+    # and listed as missing (build info, gemmguard_hook_missing), not silently skipped.
+    bare_vllm.setattr(moe, "check_moe_candidates", lambda check: False)
     selection.install()
     assert "kernel-selection-capture:moe" in ledger.missing()
     assert "--deny-kernel does not reach experts" in ledger.missing()[
@@ -144,14 +151,8 @@ def test_a_vllm_without_moe_oracles_is_said_not_to_have_the_moe_hook(
 
 
 def test_a_cpu_build_without_the_unquantized_dispatch_says_so(
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    chooser = SimpleNamespace(is_supported_and_can_implement_kernel=lambda *a: (True, None),
-                              choose_scaled_mm_linear_kernel=lambda *a: None)
-    monkeypatch.setattr(selection, "_INSTALLED", False)
-    monkeypatch.setattr(ledger, "_MISSING", {})
-    monkeypatch.setattr(vllm_adapter, "linear_kernels_module", lambda: chooser)
-    monkeypatch.setattr(vllm_adapter, "unquantized_cpu_dispatch_module", SimpleNamespace)
-    monkeypatch.setattr(vllm_adapter, "is_cpu_build", lambda: True)
-    monkeypatch.setattr(moe, "check_moe_candidates", lambda check: True)
+        bare_vllm: pytest.MonkeyPatch) -> None:
+    bare_vllm.setattr(vllm_adapter, "is_cpu_build", lambda: True)
+    bare_vllm.setattr(moe, "check_moe_candidates", lambda check: True)
     selection.install()
     assert list(ledger.missing()) == ["kernel-selection-capture:cpu-dispatch"]
