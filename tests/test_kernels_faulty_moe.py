@@ -89,6 +89,27 @@ def test_e8m0_requantized_experts_are_degraded_not_broken() -> None:
     assert all(e["excess_bits"] > 1.0 for e in result.experts)
 
 
+def test_experts_requantized_to_mxfp4_at_load_fail_against_the_checkpoint() -> None:
+    # vLLM 0.34's VLLM_FP8_MOE_REQUANT (ROCm) turns FP8 experts into MXFP4 at load: the check's
+    # reference is the checkpoint, so the requantization is a loss it must see, on every expert.
+    result = _check(_faulty("moe-mxfp4"), 0)
+    assert result.verdict == "degraded", result  # ~5 bits lost: wrong enough, not garbage
+    assert result.excess_bits is not None and result.excess_bits > 2.0
+    assert all(e["excess_bits"] > 2.0 for e in result.experts)
+    judged = [e for e in result.experts if e["excess_judged"]]
+    assert judged and {e["verdict"] for e in judged} == {"degraded"}
+
+
+def test_mxfp4_requantization_keeps_e2m1_values_on_power_of_two_scales() -> None:
+    w = torch.randn(2, 4, 64, generator=torch.Generator().manual_seed(1)).bfloat16()
+    q = faulty_moe.mxfp4_requantize_experts(w).float()
+    blocks = q.reshape(2, 4, 2, 32)
+    scale = torch.exp2(torch.floor(torch.log2(blocks.abs().amax(dim=-1, keepdim=True))) - 2)
+    elements = (blocks / scale).abs()
+    assert set(elements.unique().tolist()) <= {0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0}
+    assert not torch.equal(q, w.float())
+
+
 def test_garbage_experts_are_broken() -> None:
     result = _check(_faulty("moe-garbage"), 0)
     assert result.verdict == "broken", result

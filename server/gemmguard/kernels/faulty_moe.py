@@ -30,6 +30,7 @@ FAULTY_MOE_KERNELS = {
     "moe-e8m0": "E8M0RequantCPUExperts",
     "moe-garbage": "GarbageCPUExperts",
     "moe-corrupt-expert": "CorruptExpertCPUExperts",
+    "moe-mxfp4": "Mxfp4RequantCPUExperts",
 }
 BLOCK = 128
 
@@ -46,6 +47,16 @@ def e8m0_requantize_experts(weight: torch.Tensor, block: int = BLOCK) -> torch.T
     q = (blocks / scale).clamp(-numerics.FP8_MAX, numerics.FP8_MAX).to(numerics.FP8_DTYPE)
     requantized = (q.float() * scale).reshape(experts, n + pad_n, k + pad_k)[:, :n, :k]
     return requantized.to(weight.dtype).contiguous()
+
+
+def mxfp4_requantize_experts(weight: torch.Tensor) -> torch.Tensor:
+    """(E, N, K) expert weights after a round trip through MXFP4 (e2m1 elements, one E8M0 scale
+    per 32 along K, the OCP rule vLLM's MXFP4 downcast uses): what vLLM 0.34's
+    VLLM_FP8_MOE_REQUANT does to FP8 experts at load (ROCm), a loss against the checkpoint."""
+    experts, n, k = weight.shape
+    flat = weight.float().reshape(experts * n, k)
+    return numerics.fake_quantize_mx(flat, "mxfp4", "even").reshape(experts, n, k).to(
+        weight.dtype).contiguous()
 
 
 def smallest_expert(w13: torch.Tensor) -> int:
@@ -98,6 +109,16 @@ def build_faulty_moe_kernels(honest: type, names: tuple[str, ...]) -> list[type]
             w2[expert] = w2[expert].flip(0)
             super().process_weights_after_loading(layer)
 
+    class Mxfp4RequantCPUExperts(honest):  # type: ignore[misc]  # a base found at run time (Any)
+        """Expert weights re-quantized to MXFP4 at load; activations untouched."""
+
+        def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+            for name in ("w13_weight", "w2_weight"):
+                weight = _expert_weight(layer, name).data
+                weight.copy_(mxfp4_requantize_experts(weight))
+            super().process_weights_after_loading(layer)
+
     by_short = {"moe-e8m0": E8M0RequantCPUExperts, "moe-garbage": GarbageCPUExperts,
-                "moe-corrupt-expert": CorruptExpertCPUExperts}
+                "moe-corrupt-expert": CorruptExpertCPUExperts,
+                "moe-mxfp4": Mxfp4RequantCPUExperts}
     return [by_short[name] for name in names if name in by_short]
