@@ -37,7 +37,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 ADAPTER = ROOT / "server" / "gemmguard" / "vllm_adapter"
-INDEX = os.environ.get("GEMMGUARD_PYPI_SIMPLE", "https://pypi.org/simple")
+# The package index pip would use (its simple API), unless told otherwise.
+INDEX = (os.environ.get("GEMMGUARD_PYPI_SIMPLE") or os.environ.get("PIP_INDEX_URL")
+         or "https://pypi.org/simple").rstrip("/")
 CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "gemmguard" / "vllm-source"
 
 
@@ -321,7 +323,12 @@ def fetch(version: str, cache: Path = CACHE) -> Path:
     cache.mkdir(parents=True, exist_ok=True)
     archive = cache / f"vllm-{version}.tar.gz"
     if not archive.is_file():
-        page = urllib.request.urlopen(f"{INDEX}/vllm/", timeout=60).read().decode()
+        try:
+            page = urllib.request.urlopen(f"{INDEX}/vllm/", timeout=60).read().decode()
+        except OSError as exc:
+            raise SystemExit(f"contract-source: cannot read {INDEX}/vllm/ ({exc}); set "
+                             "GEMMGUARD_PYPI_SIMPLE to a reachable simple index, or check "
+                             "a local tree with --source DIR") from None
         match = re.search(rf'href="([^"]*/vllm-{re.escape(version)}\.tar\.gz)#sha256=(\w+)"',
                           page)
         if match is None:
