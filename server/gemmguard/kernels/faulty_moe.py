@@ -18,6 +18,7 @@ Forward passes make no torch.Generator: torch.compile cannot trace one made insi
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -72,6 +73,14 @@ def _expert_weight(layer: torch.nn.Module, name: str) -> torch.Tensor:
     return weight
 
 
+def _requantize_in_place(layer: torch.nn.Module,
+                         requantize: Callable[[torch.Tensor], torch.Tensor]) -> None:
+    """Both expert weights of `layer` replaced by `requantize` of themselves (a load-time loss)."""
+    for name in ("w13_weight", "w2_weight"):
+        weight = _expert_weight(layer, name).data
+        weight.copy_(requantize(weight))
+
+
 def build_faulty_moe_kernels(honest: type, names: tuple[str, ...]) -> list[type]:
     """Faulty experts (by short name, see FAULTY_MOE_KERNELS) on vLLM's CPU experts class."""
 
@@ -79,9 +88,7 @@ def build_faulty_moe_kernels(honest: type, names: tuple[str, ...]) -> list[type]
         """Power-of-two fp8 block scales for expert weights and activations (DeepGEMM UE8M0)."""
 
         def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
-            for name in ("w13_weight", "w2_weight"):
-                weight = _expert_weight(layer, name).data
-                weight.copy_(e8m0_requantize_experts(weight))
+            _requantize_in_place(layer, e8m0_requantize_experts)
             super().process_weights_after_loading(layer)
 
         def apply(self, output: torch.Tensor, hidden_states: torch.Tensor,
@@ -113,9 +120,7 @@ def build_faulty_moe_kernels(honest: type, names: tuple[str, ...]) -> list[type]
         """Expert weights re-quantized to MXFP4 at load; activations untouched."""
 
         def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
-            for name in ("w13_weight", "w2_weight"):
-                weight = _expert_weight(layer, name).data
-                weight.copy_(mxfp4_requantize_experts(weight))
+            _requantize_in_place(layer, mxfp4_requantize_experts)
             super().process_weights_after_loading(layer)
 
     by_short = {"moe-e8m0": E8M0RequantCPUExperts, "moe-garbage": GarbageCPUExperts,
