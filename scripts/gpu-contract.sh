@@ -5,9 +5,12 @@
 # the exact calls are in docs/vllm-0.26-contract.md. Results go under $OUT.
 #   OUT=/tmp/out scripts/gpu-contract.sh contract     # the adapter's contract tests
 #   OUT=/tmp/out scripts/gpu-contract.sh selfcheck    # 8B dense (beside plain vLLM) and Qwen3-MoE
+#   OUT=/tmp/out scripts/gpu-contract.sh replaced     # 8B dense on vLLM's default DeepGEMM, policy
+#                                                     # fallback: every layer replaced (issue 24's
+#                                                     # check time), twice (the 2nd with DeepGEMM's JIT warm)
 # pytest is not in the bundle: its wheels travel in .gpu/wheels (carry it), installed beside it.
 set -uo pipefail
-what=${1:?usage: gpu-contract.sh contract|selfcheck}
+what=${1:?usage: gpu-contract.sh contract|selfcheck|replaced}
 out=${OUT:?set OUT to a folder for the results}
 py=${PY:-python3}
 site=${GG_SITE:-$HOME/gg-site}
@@ -38,13 +41,18 @@ printf '[vllm.general_plugins]\ngemmguard = gemmguard.plugin:register\n' > "$met
 # time); with CUTLASS chosen the check's own time is what is measured, as in docs/benchmarks-gpu.md.
 export VLLM_USE_DEEP_GEMM=0
 engine=(--enforce-eager --max-model-len 2048 --gpu-memory-utilization 0.5)
+policy=()
+if [ "$what" = replaced ]; then  # DeepGEMM on (vLLM's default), every layer replaced in place
+  export VLLM_USE_DEEP_GEMM=1
+  policy=(--policy fallback)
+fi
 checkpoint() {  # NAME KIND [ARGS]: a checkpoint made on the GPU
   [ -d "$work/$1" ] || $py scripts/gpu_checkpoints.py "$2" "$work/$1" "${@:3}" > "$out/$1-make.log" 2>&1
 }
 elapsed() { $py -c "import time; print(round(time.time() - $1, 1))"; }
 gemmguard() {  # NAME RUN: gemmguard's offline self-check (vLLM loads the model, the check runs)
   local t=$(date +%s.%N)
-  timeout 240 $py -m gemmguard.cli selfcheck "$work/$1" --json "${engine[@]}" \
+  timeout 300 $py -m gemmguard.cli selfcheck "$work/$1" --json "${policy[@]}" "${engine[@]}" \
     > "$out/$1-selfcheck-$2.json" 2> "$out/$1-selfcheck-$2.log"
   echo "$1 gemmguard run $2: exit $?, wall $(elapsed $t) s" | tee -a "$out/steps.log"
   grep -hE "gemmguard self-check|Model loading took" "$out/$1-selfcheck-$2.log" | cut -c1-400
@@ -58,6 +66,10 @@ LLM(sys.argv[1], enforce_eager=True, max_model_len=2048, gpu_memory_utilization=
   grep -hE "Model loading took" "$out/$1-plain-$2.log" | cut -c1-300
 }
 checkpoint llama8b llama8b
+if [ "$what" = replaced ]; then
+  gemmguard llama8b replaced-1; gemmguard llama8b replaced-2
+  exit 0
+fi
 gemmguard llama8b 1; plain llama8b 1; plain llama8b 2; gemmguard llama8b 2  # ABBA
 checkpoint qwen3moe qwen3moe
 gemmguard qwen3moe 1
