@@ -1,4 +1,4 @@
-"""Shared fixtures: real `gemmguard serve` processes on loopback, one per test module."""
+"""Shared fixtures: real `gemmguard serve` processes on loopback, per test module or shared."""
 
 from __future__ import annotations
 
@@ -139,3 +139,41 @@ def server_factory(
     yield factory
     for server in started:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def shared_server(
+    tmp_path_factory: pytest.TempPathFactory, demo_cache: Path
+) -> Iterator[Callable[..., Server]]:
+    """A server several modules start with the same options, started once per session.
+
+    An engine start costs about a minute on CI's two cores. Only for tests that leave the
+    server as they found it: no signals, no state counted from zero, no options of their own.
+    """
+    servers: dict[tuple[str, ...], Server] = {}
+
+    def factory(*args: str) -> Server:
+        server = servers.get(args)
+        if server is not None and server.process.poll() is not None:
+            raise AssertionError(f"the shared server {args} exited with "
+                                 f"{server.process.returncode}:\n{server.log()[-6000:]}")
+        if server is None:
+            log_path = tmp_path_factory.mktemp("shared-serve") / "server.log"
+            server = start_server([*args, *FAST_ENGINE_ARGS], log_path,
+                                  {"GEMMGUARD_CACHE_DIR": str(demo_cache)})
+            servers[args] = server
+        return server
+
+    yield factory
+    for server in servers.values():
+        server.stop()
+
+
+# Modules that use `shared_server` run last, one after another: its servers then idle through
+# no other module's engine starts (memory), and none is started twice.
+SHARED_SERVER_MODULES = ("test_e2e_inventory", "test_e2e_serve", "test_eval_harness",
+                         "test_eval_kernel_swap")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    items.sort(key=lambda item: item.path.stem in SHARED_SERVER_MODULES)  # stable

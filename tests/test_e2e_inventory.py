@@ -31,8 +31,8 @@ def _layers(server: Server) -> list[dict]:  # type: ignore[type-arg]
 
 
 @pytest.fixture(scope="module")
-def server(server_factory: Callable[..., Server]) -> Server:
-    return server_factory("--demo-scheme", "fp8-block")
+def server(shared_server: Callable[..., Server]) -> Server:
+    return shared_server("--demo-scheme", "fp8-block")
 
 
 @pytest.fixture(scope="module")
@@ -44,8 +44,8 @@ def first_choice(server: Server) -> str:
 
 
 @pytest.fixture(scope="module")
-def denied_server(server_factory: Callable[..., Server], first_choice: str) -> Server:
-    return server_factory("--demo-scheme", "fp8-block", "--deny-kernel", first_choice)
+def denied_server(shared_server: Callable[..., Server], first_choice: str) -> Server:
+    return shared_server("--demo-scheme", "fp8-block", "--deny-kernel", first_choice)
 
 
 def test_every_gemm_layer_is_reported(server: Server) -> None:

@@ -20,8 +20,8 @@ NO_EOS = {"ignore_eos": True}
 
 
 @pytest.fixture(scope="module")
-def server(server_factory: Callable[..., Server]) -> Server:
-    return server_factory()
+def server(shared_server: Callable[..., Server]) -> Server:
+    return shared_server("--demo-scheme", "fp8-block")  # the default demo, spelled out
 
 
 @pytest.fixture(scope="module")

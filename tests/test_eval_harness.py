@@ -24,8 +24,8 @@ DEMO_CONFIG = EVALS / "demo-cpu.yaml"
 
 
 @pytest.fixture(scope="module")
-def server(server_factory: Callable[..., Server]) -> Server:
-    return server_factory("--demo-scheme", "fp8-block")
+def server(shared_server: Callable[..., Server]) -> Server:
+    return shared_server("--demo-scheme", "fp8-block")
 
 
 def _gemmguard_eval(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:

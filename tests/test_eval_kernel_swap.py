@@ -36,14 +36,14 @@ def _fp8_kernels(server: Server) -> set[str]:
 
 
 @pytest.fixture(scope="module")
-def default_server(server_factory: Callable[..., Server]) -> Server:
-    return server_factory("--demo-scheme", "fp8-block")
+def default_server(shared_server: Callable[..., Server]) -> Server:
+    return shared_server("--demo-scheme", "fp8-block")
 
 
 @pytest.fixture(scope="module")
-def swapped_server(server_factory: Callable[..., Server], default_server: Server) -> Server:
+def swapped_server(shared_server: Callable[..., Server], default_server: Server) -> Server:
     (chosen,) = _fp8_kernels(default_server)
-    server = server_factory("--demo-scheme", "fp8-block", "--deny-kernel", chosen)
+    server = shared_server("--demo-scheme", "fp8-block", "--deny-kernel", chosen)
     assert _fp8_kernels(server) and chosen not in _fp8_kernels(server)
     return server
 
