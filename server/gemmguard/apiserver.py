@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 from typing import NoReturn
 
-from gemmguard import vllm_adapter
+from gemmguard import plugin, vllm_adapter
 from gemmguard.config import settings
 from gemmguard.counter_store import count_start
 from gemmguard.errors import GemmguardError
@@ -71,12 +71,14 @@ def _plan(argv: list[str]) -> ServePlan:
 def main(argv: list[str] | None = None) -> None:
     """Plan `gemmguard serve ARGV`, then run vLLM's OpenAI-compatible server with it."""
     argv = sys.argv[1:] if argv is None else argv
+    plugin.defer()  # this process builds no model: vLLM's first line comes sooner
     try:
         plan = _plan(argv)
     except GemmguardError as exc:
         sys.stderr.write(f"gemmguard serve: error: {exc}\n")
         raise SystemExit(2) from None
     if plan.headless:  # no API server on this node: its pod's /metrics comes from here
+        plugin.ensure_registered()  # its build info names the hooks that found no target
         serve_metrics(plan.host, plan.port, settings(plan.env).state_dir)
     vllm_adapter.cli_env_setup()()
     parser_cls = _one_line_error_parser(vllm_adapter.flexible_argument_parser())

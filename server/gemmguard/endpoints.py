@@ -17,7 +17,7 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse
 
 import gemmguard
-from gemmguard import vllm_adapter
+from gemmguard import plugin, vllm_adapter
 from gemmguard.build import build_info
 from gemmguard.canary import CanaryConfig, Liveness
 from gemmguard.config import settings
@@ -37,13 +37,21 @@ class GemmguardState:
     """What the API server knows about the engine, gathered once at start-up."""
 
     engine_client: Any
-    api_server: dict[str, str] = field(default_factory=build_info)
+    api_server: dict[str, str] = field(default_factory=dict)
     ranks: list[dict[str, Any]] = field(default_factory=list)
     kernels: list[list[dict[str, Any]]] = field(default_factory=list)
     selfcheck: Outcome | None = None
     fixes: list[list[dict[str, str]]] = field(default_factory=list)
     liveness: Liveness | None = None
     initialized: bool = False
+
+    def api_server_info(self) -> dict[str, str]:
+        """This process's build info, made when first asked. Making it installs gemmguard's
+        hooks in this process (`plugin.defer` held them back), off the path to /health."""
+        if not self.api_server:
+            plugin.ensure_registered()
+            self.api_server = build_info()
+        return self.api_server
 
     def rank_of(self, index: int) -> int:
         """The rank across engines of the index-th answer, as that worker reported it: the
@@ -67,7 +75,8 @@ async def get_build(request: Request) -> JSONResponse:
     if state is None or not state.initialized:
         return _not_ready("gemmguard has not gathered the engine's build info yet")
     return JSONResponse(
-        {"gemmguard": gemmguard.__version__, "api_server": state.api_server, "ranks": state.ranks}
+        {"gemmguard": gemmguard.__version__, "api_server": state.api_server_info(),
+         "ranks": state.ranks}
     )
 
 
@@ -160,7 +169,7 @@ class GemmguardEndpoints:
         gg.fixes = await every_rank("gemmguard_fixes")
         metrics = process_metrics()
         # Every rank's, with its rank: a fix missing on one node must show.
-        metrics.publish_build(gg.ranks or [gg.api_server])
+        metrics.publish_build(gg.ranks or [gg.api_server_info()])
         metrics.publish_fixes((gg.rank_of(i), rows) for i, rows in enumerate(gg.fixes))
         metrics.publish_kernels(
             (row for rows in gg.kernels for row in rows),

@@ -1,11 +1,14 @@
 """vLLM general plugin: runs in every vLLM process (API server, engine core, workers).
 
-vLLM may call `register` more than once per process, so everything here is idempotent.
+vLLM may call `register` more than once per process, so everything here is idempotent. The
+API server process of `gemmguard serve` builds no model: there it installs nothing until asked
+(`defer`, `ensure_registered`), so vLLM's first line is not held up by gemmguard.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 
 from gemmguard import ledger
 
@@ -13,6 +16,30 @@ from gemmguard import ledger
 logger = logging.getLogger("vllm.gemmguard")
 
 _REGISTERED = False
+_DEFERRED = False
+
+
+def defer() -> None:
+    """Install nothing in this process until `ensure_registered`: for the API server process
+    of `gemmguard serve`, which builds no model.
+
+    vLLM loads its general plugins while it builds its argument parser, before its first log
+    line; installing here imports vLLM's kernel modules (+0.56 s on a 2-core CPU, more on a
+    GPU host: benchmarks.parser_plugins). Engine processes are spawned and register in full.
+    Nothing is deferred where the model is built in this process after all
+    (VLLM_ENABLE_V1_MULTIPROCESSING=0), nor under VLLM_WORKER_MULTIPROC_METHOD=fork: a forked
+    engine inherits this process's state, vLLM's "plugins loaded" included, and never registers.
+    """
+    global _DEFERRED
+    _DEFERRED = (os.environ.get("VLLM_WORKER_MULTIPROC_METHOD", "spawn") != "fork"
+                 and os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "1") != "0")
+
+
+def ensure_registered() -> None:
+    """Install now what `defer` held back (what this process publishes reads the ledger)."""
+    global _DEFERRED
+    _DEFERRED = False
+    register()
 
 PORTABLE_KERNELS_PATCH = ledger.Patch(
     name="portable-fp8-block-kernels",
@@ -84,21 +111,24 @@ def register() -> None:
     global _REGISTERED
     if _REGISTERED:
         return
+    from gemmguard.config import settings
+
+    cfg = settings()
+    if cfg.test_loader == "bypass":  # vLLM checks --load-format in every process
+        from gemmguard.vllm_adapter import bypass_loader
+
+        bypass_loader.register()
+    if _DEFERRED:
+        return
     _REGISTERED = True
     from gemmguard import fixes
-    from gemmguard.config import settings
     from gemmguard.inventory import selection
     from gemmguard.selfcheck import load_check
 
-    cfg = settings()
     add_portable_kernels(cfg.test_kernels)
     # Before selection.install, whose wrapper (outside this one) applies the deny list.
     add_faulty_moe_kernels(cfg.test_kernels)
     selection.install(cfg.deny_kernels)
-    if cfg.test_loader == "bypass":
-        from gemmguard.vllm_adapter import bypass_loader
-
-        bypass_loader.register()
     load_check.install(load_check.CheckConfig(
         policy=cfg.selfcheck_policy, unchecked=cfg.selfcheck_unchecked,
         report_file=cfg.selfcheck_report_file))
